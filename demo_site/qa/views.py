@@ -1,0 +1,88 @@
+"""The question page: the skeleton is rendered here, the independent parts in parallel."""
+
+import os
+from urllib.parse import urlencode
+
+from django.contrib.auth import get_user_model
+from django.db.models import Count
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+
+from .models import Question
+
+MAX_LATENCY_MS = 2000
+LATENCY_CHOICES = (0, 20, 100)
+
+
+def _latency(request: HttpRequest) -> int:
+    try:
+        value = int(request.GET.get("latency", "0"))
+    except ValueError:
+        return 0
+    return max(0, min(value, MAX_LATENCY_MS))
+
+
+def _query(latency: int, serial: bool) -> str:
+    params = {}
+    if latency:
+        params["latency"] = latency
+    if serial:
+        params["serial"] = 1
+    return "?" + urlencode(params) if params else ""
+
+
+def index(request: HttpRequest) -> HttpResponse:
+    first = Question.objects.order_by("pk").first()
+    if first is None:
+        return render(request, "qa/empty.html")
+    return redirect("qa:question", pk=first.pk)
+
+
+def question_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    question = get_object_or_404(Question.objects.select_related("author", "author__profile"), pk=pk)
+    latency = _latency(request)
+    serial = request.GET.get("serial") not in (None, "", "0")
+    topics = list(question.topics.all())
+    topic_ids = [topic.pk for topic in topics]
+
+    # Model instances (with their select_related caches) travel to the workers as they are.
+    answers = list(question.answers.select_related("author", "author__profile"))
+
+    # Unevaluated querysets: each one runs in the worker that renders its block.
+    related = (
+        Question.objects.filter(topics__in=topic_ids)
+        .exclude(pk=question.pk)
+        .annotate(shared_topics=Count("topics", distinct=True))
+        .order_by("-shared_topics", "-view_count", "pk")[:8]
+    )
+    top_writers = (
+        get_user_model()
+        .objects.filter(answers__question__topics__in=topic_ids)
+        # prefetch, not select_related: a plain queryset runs in the worker, not here.
+        .prefetch_related("profile")
+        # Filtering before annotating counts only the answers in these topics.
+        .annotate(answer_count=Count("answers", distinct=True))
+        .order_by("-answer_count", "username")[:5]
+    )
+
+    previous_q = Question.objects.filter(pk__lt=question.pk).order_by("-pk").only("pk").first()
+    next_q = Question.objects.filter(pk__gt=question.pk).order_by("pk").only("pk").first()
+
+    context = {
+        "question": question,
+        "topics": topics,
+        "answers": answers,
+        "related": related,
+        "top_writers": top_writers,
+        "latency": latency,
+        "serial": serial,
+        "master_pid": os.getpid(),
+        # Query string that keeps the current mode and latency, for links inside blocks.
+        "mode_query": _query(latency, serial),
+        "parallel_query": _query(latency, False),
+        "serial_query": _query(latency, True),
+        "latency_links": [(ms, _query(ms, serial)) for ms in LATENCY_CHOICES],
+        "previous_q": previous_q,
+        "next_q": next_q,
+    }
+    return render(request, "qa/question.html", context)

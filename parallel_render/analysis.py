@@ -1,0 +1,197 @@
+"""What a {% parallel %} block reads, and whether rendering it elsewhere could change the page.
+
+Works on parsed nodelists, once per block: the names the block reads from its context (so
+only those travel), and the reasons it must render inline instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.template import Node, NodeList
+from django.template.base import FilterExpression, Token, TokenType, Variable
+from django.template.library import InclusionNode, SimpleNode
+from django.template.loader_tags import BlockNode, IncludeNode
+from django.utils.module_loading import import_string
+
+# Attributes under which Django's tags keep the name of a variable they assign with `as`.
+ASSIGNMENT_ATTRS = ("asvar", "target_var", "var_name", "variable", "varname", "variable_name")
+
+# Built-in tags whose output depends on state kept across renders of the same template.
+STATEFUL_TAGS = {
+    "CycleNode": "{% cycle %} keeps state across the page",
+    "IfChangedNode": "{% ifchanged %} keeps state across the page",
+    "ResetCycleNode": "{% resetcycle %} changes state kept across the page",
+    "DebugNode": "{% debug %} reads the whole context",
+}
+
+# Tags around a block that pass its output through unchanged.
+TRANSPARENT_ENCLOSING = {
+    "django.template.defaulttags.ForNode",
+    "django.template.defaulttags.IfNode",
+    "django.template.defaulttags.WithNode",
+    "django.template.defaulttags.AutoEscapeControlNode",
+    "django.template.defaulttags.CommentNode",
+    "django.template.defaulttags.VerbatimNode",
+    "django.template.loader_tags.BlockNode",
+    "django.template.loader_tags.ExtendsNode",
+    "django.template.loader_tags.IncludeNode",
+    "django.template.library.InclusionNode",
+    "django.templatetags.i18n.LanguageNode",
+    "django.templatetags.tz.LocalTimeNode",
+    "django.templatetags.tz.TimezoneNode",
+    "django.templatetags.l10n.LocalizeNode",
+    "parallel_render.templatetags.parallel.ParallelNode",
+}
+
+# Tags whose nodes hold every variable they read as FilterExpressions on themselves.
+_DJANGO_MODULES = ("django.template.", "django.templatetags.", "django.contrib.")
+
+
+def class_path(obj: Any) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def tag_name(node: Node) -> str:
+    token = getattr(node, "token", None)
+    if token is not None and token.contents:
+        return token.contents.split()[0]
+    return type(node).__name__
+
+
+@dataclass
+class Analysis:
+    names: set[str] = field(default_factory=set)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str | None:
+        return self.reasons[0] if self.reasons else None
+
+
+def analyse(nodelists: list[NodeList], engine: Any, transparent: list[str]) -> Analysis:
+    result = Analysis()
+    _Walker(result, engine, set(transparent)).walk_lists(nodelists, pushed=False)
+    return result
+
+
+class _Walker:
+    def __init__(self, result: Analysis, engine: Any, transparent: set[str]) -> None:
+        self.result = result
+        self.engine = engine
+        self.transparent = transparent
+        self.seen_templates: set[str] = set()
+
+    def reason(self, text: str) -> None:
+        if text not in self.result.reasons:
+            self.result.reasons.append(text)
+
+    def walk_lists(self, nodelists: list[NodeList], pushed: bool) -> None:
+        for nodelist in nodelists:
+            for node in nodelist:
+                self.node(node, pushed)
+
+    def node(self, node: Node, pushed: bool) -> None:
+        cls = type(node)
+        name = cls.__name__
+        path = class_path(node)
+        if name in STATEFUL_TAGS and path.startswith("django."):
+            self.reason(STATEFUL_TAGS[name])
+        if isinstance(node, BlockNode):
+            self.reason("contains {% block %}, which template inheritance may replace")
+        if name == "CsrfTokenNode" or isinstance(node, InclusionNode):
+            self.result.names.add("csrf_token")
+        known = path.startswith(_DJANGO_MODULES) or path.startswith("parallel_render.") or path in self.transparent
+        if isinstance(node, (SimpleNode, InclusionNode)):
+            if node.takes_context:
+                self.reason(f"{{% {tag_name(node)} %}} takes the whole context")
+            known = True
+        if not known:
+            self.reason(
+                f"custom tag {{% {tag_name(node)} %}} ({path}) may read any variable; list it in "
+                "PARALLEL_RENDER['TRANSPARENT_TAGS'] if it only reads its arguments"
+            )
+        if not pushed:
+            for attr in ASSIGNMENT_ATTRS:
+                value = getattr(node, attr, None)
+                if isinstance(value, str) and value and name not in STATEFUL_TAGS:
+                    self.reason(f"{{% {tag_name(node)} ... as {value} %}} assigns a variable outside the block")
+        if isinstance(node, IncludeNode):
+            self.include(node, pushed)
+        inner_pushed = pushed or name in ("ForNode", "WithNode")
+        for key, value in vars(node).items():
+            if key in ("token", "origin", "template") and isinstance(node, IncludeNode):
+                continue
+            if key in ("token", "origin"):
+                continue
+            self.value(value, inner_pushed, depth=0)
+
+    def include(self, node: IncludeNode, pushed: bool) -> None:
+        fe = node.template
+        self.value(fe, pushed, 0)
+        for value in node.extra_context.values():
+            self.value(value, pushed, 0)
+        constant = isinstance(fe, FilterExpression) and not isinstance(fe.var, Variable) and not fe.filters
+        if not constant:
+            self.reason("{% include %} of a template chosen at run time")
+            return
+        if node.isolated_context:
+            return
+        name = str(fe.var)
+        if name in self.seen_templates:
+            return
+        self.seen_templates.add(name)
+        try:
+            template = self.engine.get_template(name)
+        except Exception as exc:  # the serial page would fail the same way; let it, inline
+            self.reason(f"{{% include {name!r} %}} cannot be loaded: {exc}")
+            return
+        self.walk_lists([template.nodelist], pushed=True)
+
+    def value(self, value: Any, pushed: bool, depth: int) -> None:
+        if depth > 6:
+            return
+        if isinstance(value, FilterExpression):
+            self.filter_expression(value)
+        elif isinstance(value, Variable):
+            self.variable(value)
+        elif isinstance(value, NodeList):
+            for node in value:
+                self.node(node, pushed)
+        elif isinstance(value, Node):
+            self.node(value, pushed)
+        elif isinstance(value, Token):
+            if value.token_type == TokenType.VAR:
+                self.result.names.add(value.contents.split(".")[0].split("|")[0].strip())
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                self.value(item, pushed, depth + 1)
+        elif isinstance(value, dict):
+            for item in value.values():
+                self.value(item, pushed, depth + 1)
+        elif type(value).__module__.startswith("django.template") and hasattr(value, "__dict__"):
+            # {% if %} conditions: smartif operators and defaulttags.TemplateLiteral.
+            for item in vars(value).values():
+                self.value(item, pushed, depth + 1)
+
+    def filter_expression(self, fe: FilterExpression) -> None:
+        if isinstance(fe.var, Variable):
+            self.variable(fe.var)
+        for _func, args in fe.filters:
+            for lookup, arg in args:
+                if lookup and isinstance(arg, Variable):
+                    self.variable(arg)
+
+    def variable(self, var: Variable) -> None:
+        if var.lookups:
+            self.result.names.add(var.lookups[0])
+
+
+def transparent_paths(extra: list[str]) -> set[str]:
+    paths = set(TRANSPARENT_ENCLOSING)
+    for dotted in extra:
+        import_string(dotted)  # a typo in settings fails loudly here
+        paths.add(dotted)
+    return paths

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class ParallelRenderConfig(AppConfig):
+    name = "parallel_render"
+    verbose_name = "Parallel render"
+
+    def ready(self) -> None:
+        from django.core.signals import setting_changed
+
+        from parallel_render import checks  # noqa: F401  (registers the checks)
+        from parallel_render.conf import clear_config
+
+        setting_changed.connect(clear_config, dispatch_uid="parallel_render.clear_config")

@@ -1,0 +1,1 @@
+"""Benchmarks behind `manage.py parallel_bench`; each prints a table and can emit JSON."""

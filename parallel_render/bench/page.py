@@ -1,0 +1,68 @@
+"""Render one page serially and in parallel, interleaved in one run, and compare."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from typing import Any, Callable
+
+from parallel_render.bench.stats import summary, table
+
+SERIAL_HEADER = "X-Parallel-Render"
+
+
+def _http_fetch(url: str, serial: bool) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={SERIAL_HEADER: "serial"} if serial else {})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status, response.read()
+
+
+def _client_fetch(path: str) -> Callable[[bool], tuple[int, bytes]]:
+    from django.test import Client
+
+    client = Client()
+
+    def fetch(serial: bool) -> tuple[int, bytes]:
+        response = client.get(path, **({"HTTP_X_PARALLEL_RENDER": "serial"} if serial else {}))
+        return response.status_code, response.content
+
+    return fetch
+
+
+def run(url: str, requests: int, warmup: int = 3) -> dict[str, Any]:
+    fetch = (lambda serial: _http_fetch(url, serial)) if url.startswith(("http://", "https://")) else _client_fetch(url)
+    for _ in range(warmup):
+        fetch(False)
+        fetch(True)
+    times: dict[str, list[float]] = {"serial": [], "parallel": []}
+    for i in range(requests):
+        # Alternate the order so drift on the machine hits both modes alike.
+        for mode in (("serial", "parallel") if i % 2 else ("parallel", "serial")):
+            started = time.perf_counter()
+            status, _body = fetch(mode == "serial")
+            times[mode].append((time.perf_counter() - started) * 1000)
+            if status != 200:
+                raise RuntimeError(f"{url} answered {status} in {mode} mode")
+    serial, parallel = summary(times["serial"]), summary(times["parallel"])
+    return {
+        "url": url,
+        "requests": requests,
+        "serial_ms": serial,
+        "parallel_ms": parallel,
+        "speedup_p50": serial["p50"] / parallel["p50"],
+        "speedup_p90": serial["p90"] / parallel["p90"],
+        "speedup_p99": serial["p99"] / parallel["p99"],
+    }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    s, p = result["serial_ms"], result["parallel_ms"]
+    rows = [
+        ["serial", s["p50"], s["p90"], s["p99"], s["mean"]],
+        ["parallel", p["p50"], p["p90"], p["p99"], p["mean"]],
+        ["speed-up (serial/parallel)", result["speedup_p50"], result["speedup_p90"], result["speedup_p99"], s["mean"] / p["mean"]],
+    ]
+    return (
+        f"page {result['url']}, {result['requests']} requests per mode, interleaved\n"
+        + table(["mode", "p50 ms", "p90 ms", "p99 ms", "mean ms"], rows)
+    )

@@ -1,0 +1,55 @@
+"""System checks: settings that are wrong, and middleware orders that would break pages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+
+MIDDLEWARE_PATH = "parallel_render.middleware.ParallelRenderMiddleware"
+
+# Middleware that read or rewrite the whole body: they must see the stitched page, so they
+# have to come before ours in MIDDLEWARE (and so wrap it).
+BODY_MIDDLEWARE = (
+    "django.middleware.gzip.GZipMiddleware",
+    "django.middleware.http.ConditionalGetMiddleware",
+)
+
+
+@checks.register(checks.Tags.compatibility)
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    from parallel_render import conf
+
+    errors: list[checks.CheckMessage] = []
+    try:
+        conf.get_config()
+    except ImproperlyConfigured as exc:
+        errors.append(checks.Error(str(exc), hint="Fix the PARALLEL_RENDER setting.", id="parallel_render.E001"))
+        return errors
+    middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
+    if MIDDLEWARE_PATH in middleware:
+        ours = middleware.index(MIDDLEWARE_PATH)
+        for path in BODY_MIDDLEWARE:
+            if path in middleware and middleware.index(path) > ours:
+                errors.append(
+                    checks.Warning(
+                        f"{path} comes after {MIDDLEWARE_PATH} in MIDDLEWARE, so it sees the page "
+                        "before the parallel fragments are stitched in.",
+                        hint=f"Move {MIDDLEWARE_PATH} after {path}.",
+                        id="parallel_render.W001",
+                    )
+                )
+    apps_list = list(settings.INSTALLED_APPS)
+    if "parallel_render" in apps_list and "django.contrib.staticfiles" in apps_list:
+        if apps_list.index("django.contrib.staticfiles") < apps_list.index("parallel_render"):
+            errors.append(
+                checks.Warning(
+                    "django.contrib.staticfiles comes before parallel_render in INSTALLED_APPS, so "
+                    "its runserver is used and no router or workers start.",
+                    hint="Put 'parallel_render' before 'django.contrib.staticfiles'.",
+                    id="parallel_render.W002",
+                )
+            )
+    return errors

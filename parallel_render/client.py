@@ -1,0 +1,273 @@
+"""The master's connection to the fastrouter: submit without waiting, collect with one deadline.
+
+One connection per process, shared by its threads. Whoever needs answers and finds nobody
+reading becomes the reader for a while and files every answer it reads under its job id, so
+threads never steal each other's results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from typing import NamedTuple
+
+from parallel_render import protocol as p
+
+logger = logging.getLogger("parallel_render")
+
+
+class RouterUnavailable(Exception):
+    pass
+
+
+class Answer(NamedTuple):
+    type: int  # RESULT, ERROR, TIMEOUT or BUSY
+    payload: bytes
+    flags: int = 0
+    received: float = 0.0  # time.monotonic() when it arrived
+
+    @property
+    def kind(self) -> str:
+        return p.TYPE_NAMES.get(self.type, str(self.type)).lower()
+
+
+def connect(address: p.Address, timeout: float = 1.0) -> socket.socket:
+    if address.scheme == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: object = address.path
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        target = (address.host, address.port)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class RouterClient:
+    """A master's connection. Thread-safe; reconnects with backoff after a failure."""
+
+    BACKOFF_START = 0.05
+    BACKOFF_MAX = 2.0
+
+    def __init__(self, address: str, max_payload: int = p.MAX_FRAME) -> None:
+        self.address = p.parse_address(address)
+        self.max_payload = max_payload
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sock: socket.socket | None = None
+        self._reader = p.FrameReader()
+        self._reading = False
+        self._next_id = 1
+        self._pending: set[int] = set()
+        self._answers: dict[int, Answer] = {}
+        self._generation = 0  # bumps on every (re)connect, so a reader can tell its socket died
+        self._retry_at = 0.0
+        self._backoff = self.BACKOFF_START
+        self._last_error = ""
+
+    # -- connection -----------------------------------------------------------------------
+
+    def _ensure_connected(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise RouterUnavailable(
+                f"fastrouter at {self.address} is unreachable ({self._last_error}); next try in "
+                f"{self._retry_at - now:.2f}s"
+            )
+        try:
+            sock = connect(self.address)
+            sock.settimeout(None)
+            sock.sendall(p.encode(p.HELLO, payload=bytes([p.ROLE_MASTER])))
+        except OSError as exc:
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._retry_at = now + self._backoff
+            self._backoff = min(self._backoff * 2, self.BACKOFF_MAX)
+            logger.warning("fastrouter at %s is unreachable: %s", self.address, self._last_error)
+            raise RouterUnavailable(f"fastrouter at {self.address} is unreachable: {self._last_error}") from exc
+        self._sock = sock
+        self._reader = p.FrameReader()
+        self._backoff = self.BACKOFF_START
+        self._generation += 1
+        return sock
+
+    def _fail_connection(self, reason: str) -> None:
+        """Called with the lock held: every unanswered job is answered ERROR, then reconnect later."""
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+        self._last_error = reason
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self.BACKOFF_MAX)
+        now = time.monotonic()
+        for job_id in self._pending:
+            self._answers.setdefault(job_id, Answer(p.ERROR, reason.encode(), 0, now))
+        self._cond.notify_all()
+        logger.warning("lost the fastrouter connection to %s: %s", self.address, reason)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def submit(self, payload: bytes, timeout: float, high_priority: bool = False) -> int:
+        """Queue a job and return its id at once; raise RouterUnavailable if it cannot be sent."""
+        if len(payload) > self.max_payload:
+            raise ValueError(f"job of {len(payload)} bytes exceeds MAX_PAYLOAD ({self.max_payload})")
+        timeout_ms = max(1, min(int(timeout * 1000), 0xFFFFFFFF))
+        flags = p.FLAG_HIGH_PRIORITY if high_priority else 0
+        with self._lock:
+            sock = self._ensure_connected()
+            job_id = self._next_id
+            self._next_id += 1
+            head = p.header(p.SUBMIT, job_id, len(payload), flags, timeout_ms)
+            try:
+                sock.sendall(head + payload) if len(payload) < 4096 else _sendall_gather(sock, head, payload)
+            except OSError as exc:
+                self._fail_connection(f"send failed: {exc}")
+                raise RouterUnavailable(f"fastrouter at {self.address}: send failed: {exc}") from exc
+            self._pending.add(job_id)
+            return job_id
+
+    def cancel(self, job_ids: list[int]) -> None:
+        with self._lock:
+            for job_id in job_ids:
+                self._pending.discard(job_id)
+                self._answers.pop(job_id, None)
+            if self._sock is None or not job_ids:
+                return
+            try:
+                self._sock.sendall(b"".join(p.encode(p.CANCEL, job_id) for job_id in job_ids))
+            except OSError as exc:
+                self._fail_connection(f"send failed: {exc}")
+
+    def collect(self, job_ids: list[int], deadline: float) -> dict[int, Answer]:
+        """Wait until every job is answered or time.monotonic() reaches deadline.
+
+        Returns the answers that arrived; jobs missing from the result were cancelled.
+        """
+        wanted = set(job_ids)
+        got: dict[int, Answer] = {}
+        with self._cond:
+            while True:
+                for job_id in list(wanted):
+                    answer = self._answers.pop(job_id, None)
+                    if answer is not None:
+                        got[job_id] = answer
+                        wanted.discard(job_id)
+                        self._pending.discard(job_id)
+                if not wanted:
+                    return got
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if self._reading:
+                    self._cond.wait(remaining)
+                    continue
+                if self._sock is None:
+                    break
+                self._read_some(remaining)
+        self.cancel(sorted(wanted))
+        return got
+
+    def _read_some(self, timeout: float) -> None:
+        """With the lock held on entry and exit: read what arrives within timeout and file it."""
+        sock = self._sock
+        generation = self._generation
+        assert sock is not None
+        self._reading = True
+        self._lock.release()
+        error = None
+        frames: list[p.Frame] = []
+        try:
+            ready, _, _ = select.select([sock], [], [], timeout)
+            if ready:
+                data = sock.recv(1 << 18)
+                if not data:
+                    error = "the router closed the connection"
+                else:
+                    frames = self._reader.feed(data)
+        except p.ProtocolError as exc:
+            error = f"protocol error from router: {exc}"
+        except (OSError, ValueError) as exc:
+            error = f"receive failed: {exc}"
+        finally:
+            self._lock.acquire()
+            self._reading = False
+        now = time.monotonic()
+        for frame in frames:
+            if frame.type in (p.RESULT, p.ERROR, p.TIMEOUT, p.BUSY):
+                if frame.job_id in self._pending:
+                    self._answers[frame.job_id] = Answer(frame.type, frame.payload, frame.flags, now)
+            elif frame.type == p.PROTOCOL_ERROR:
+                error = "router reported a protocol error: " + frame.payload.decode("utf-8", "replace")
+        if error and generation == self._generation:
+            self._fail_connection(error)
+        self._cond.notify_all()
+
+    def stats(self, timeout: float = 2.0) -> dict:
+        """Ask the router for its counters over a separate short-lived connection."""
+        import orjson
+
+        sock = connect(self.address, timeout)
+        try:
+            sock.sendall(p.encode(p.STATS, 1))
+            reader = p.FrameReader()
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                for frame in reader.feed(data):
+                    if frame.type == p.STATS:
+                        return orjson.loads(frame.payload)
+            raise RouterUnavailable(f"no STATS answer from {self.address}")
+        finally:
+            sock.close()
+
+
+def _sendall_gather(sock: socket.socket, head: bytes, payload: bytes) -> None:
+    parts = [memoryview(head), memoryview(payload)]
+    while parts:
+        sent = sock.sendmsg(parts)
+        while sent and parts:
+            if sent >= len(parts[0]):
+                sent -= len(parts[0])
+                parts.pop(0)
+            else:
+                parts[0] = parts[0][sent:]
+                sent = 0
+
+
+_clients: dict[str, RouterClient] = {}
+_clients_pid = os.getpid()
+_clients_lock = threading.Lock()
+
+
+def get_client(address: str, max_payload: int = p.MAX_FRAME) -> RouterClient:
+    """This process's client for address; a forked child gets its own connection."""
+    global _clients_pid
+    with _clients_lock:
+        if _clients_pid != os.getpid():
+            _clients.clear()
+            _clients_pid = os.getpid()
+        client = _clients.get(address)
+        if client is None:
+            client = _clients[address] = RouterClient(address, max_payload)
+        return client

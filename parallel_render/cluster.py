@@ -1,0 +1,167 @@
+"""A router and its workers as child processes, kept alive: used by runserver and the tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Sequence
+
+from parallel_render import conf
+
+logger = logging.getLogger("parallel_render")
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def private_socket_dir() -> str:
+    """A fresh directory only this user can enter (mkdtemp makes it 0700)."""
+    return tempfile.mkdtemp(prefix="parallel_render-")
+
+
+def start_router(address: str, binary: str | None = None, args: Sequence[str] = (), timeout: float = 10.0) -> tuple[subprocess.Popen, str]:
+    """Start a fastrouter and wait for its READY line; return the process and its real address."""
+    binary = binary or conf.fastrouter_binary()
+    cmd = [binary, "--listen", address, "--parent-pid", str(os.getpid()), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    end = time.monotonic() + timeout
+    line = b""
+    while time.monotonic() < end and not line.endswith(b"\n"):
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        line += chunk
+    if not line.startswith(b"READY "):
+        proc.kill()
+        proc.wait()
+        raise ClusterError(f"fastrouter ({' '.join(cmd)}) did not start: {line.decode(errors='replace')!r}, exit code {proc.returncode}")
+    proc.stdout.close()
+    return proc, line.split(None, 1)[1].decode().strip()
+
+
+def worker_command(address: str, max_jobs: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "django", "parallel_worker", "--router", address, "--parent-pid", str(os.getpid())]
+    if max_jobs:
+        cmd += ["--max-jobs", str(max_jobs)]
+    return cmd
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env.update(extra or {})
+    return env
+
+
+class LocalCluster:
+    """One router and `workers` worker processes; dead ones are started again."""
+
+    def __init__(
+        self,
+        workers: int,
+        address: str | None = None,
+        max_jobs: int | None = None,
+        env: dict[str, str] | None = None,
+        router_args: Sequence[str] = (),
+        binary: str | None = None,
+    ) -> None:
+        self.workers = workers
+        self._dir = None if address else private_socket_dir()
+        self.requested_address = address or f"unix://{self._dir}/router.sock"
+        self.address = self.requested_address
+        self.max_jobs = max_jobs
+        self.env = child_env(env)
+        self.router_args = list(router_args)
+        self.binary = binary
+        self.router: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LocalCluster:
+        self.router, self.address = start_router(self.requested_address, self.binary, self.router_args)
+        self.procs = [self._spawn_worker() for _ in range(self.workers)]
+        self._thread = threading.Thread(target=self._supervise, name="parallel_render-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def _spawn_worker(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            worker_command(self.address, self.max_jobs), env=self.env, stdin=subprocess.DEVNULL
+        )
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.1):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                if self.router is not None and self.router.poll() is not None:
+                    logger.warning("fastrouter exited with %s; starting it again", self.router.returncode)
+                    try:
+                        self.router, _ = start_router(self.address, self.binary, self.router_args)
+                    except ClusterError as exc:
+                        logger.error("%s", exc)
+                    self.restarts += 1
+                for i, proc in enumerate(self.procs):
+                    if proc.poll() is not None:
+                        self.procs[i] = self._spawn_worker()
+                        self.restarts += 1
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every worker has told the router it is idle."""
+        from parallel_render.client import RouterClient
+
+        client = RouterClient(self.address)
+        end = time.monotonic() + timeout
+        stats: dict = {}
+        while time.monotonic() < end:
+            try:
+                stats = client.stats()
+                if stats.get("workers_idle", 0) >= self.workers:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise ClusterError(f"workers not ready after {timeout}s: {stats}")
+
+    def stop(self, grace: float = 5.0) -> None:
+        self._stop.set()
+        with self._lock:
+            procs = [p for p in self.procs + [self.router] if p is not None]
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            end = time.monotonic() + grace
+            for proc in procs:
+                try:
+                    proc.wait(max(0.01, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

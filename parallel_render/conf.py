@@ -1,0 +1,106 @@
+"""The PARALLEL_RENDER settings dict, merged with defaults and read lazily."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+DEFAULTS: dict[str, Any] = {
+    # False renders every {% parallel %} block inline, as plain Django would.
+    "ENABLED": True,
+    # Workers that `runserver` starts; None means one per core.
+    "WORKERS": None,
+    # Default seconds a fragment may take before the master renders it itself.
+    "TIMEOUT": 10.0,
+    # unix:///path or tcp://host:port; None lets runserver start its own router.
+    "ROUTER": None,
+    # A query parameter that makes a request render serially (e.g. "serial"); None disables.
+    "SERIAL_QUERY_PARAM": None,
+    # A request header (as in request.headers) that makes a request render serially.
+    "SERIAL_HEADER": "X-Parallel-Render",
+    # Largest job or result the master will send, in bytes.
+    "MAX_PAYLOAD": 8 * 1024 * 1024,
+    # Jobs a worker renders before it exits so its supervisor starts a fresh one.
+    "WORKER_MAX_JOBS": None,
+    # Dotted paths of custom template Node classes that only read the variables they
+    # were given (FilterExpressions on the node), so blocks containing them can be sent.
+    "TRANSPARENT_TAGS": [],
+    # Path of the fastrouter binary; None finds the one installed with the package.
+    "FASTROUTER_BINARY": None,
+}
+
+# Environment overrides set by the processes we start (runserver, runparallel, tests).
+ENV_ROUTER = "PARALLEL_RENDER_ROUTER"
+ENV_BINARY = "PARALLEL_RENDER_FASTROUTER"
+
+
+@functools.cache
+def get_config() -> dict[str, Any]:
+    user = getattr(settings, "PARALLEL_RENDER", {}) or {}
+    if not isinstance(user, dict):
+        raise ImproperlyConfigured(
+            f"PARALLEL_RENDER must be a dict, not {type(user).__name__}."
+        )
+    unknown = sorted(set(user) - set(DEFAULTS))
+    if unknown:
+        raise ImproperlyConfigured(
+            f"PARALLEL_RENDER has unknown keys {unknown}; known keys are {sorted(DEFAULTS)}."
+        )
+    config = {**DEFAULTS, **user}
+    timeout = config["TIMEOUT"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ImproperlyConfigured(
+            f"PARALLEL_RENDER['TIMEOUT'] must be a positive number of seconds, not {timeout!r}."
+        )
+    workers = config["WORKERS"]
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ImproperlyConfigured(
+            f"PARALLEL_RENDER['WORKERS'] must be a whole number >= 0 or None, not {workers!r}."
+        )
+    router = config["ROUTER"] or os.environ.get(ENV_ROUTER)
+    if router is not None:
+        from parallel_render.protocol import parse_address
+
+        parse_address(router)  # raises ImproperlyConfigured with the reason
+    config["ROUTER"] = router
+    return config
+
+
+def clear_config(**kwargs: Any) -> None:
+    """setting_changed receiver, so override_settings(PARALLEL_RENDER=...) works."""
+    if kwargs.get("setting") in (None, "PARALLEL_RENDER", "SECRET_KEY", "DEBUG"):
+        get_config.cache_clear()
+        from parallel_render import signing
+
+        signing.job_key.cache_clear()
+
+
+def worker_count() -> int:
+    workers = get_config()["WORKERS"]
+    return os.cpu_count() or 1 if workers is None else workers
+
+
+def fastrouter_binary() -> str:
+    """The fastrouter executable: env var, setting, installed copy, then a source build."""
+    from pathlib import Path
+
+    candidates = [os.environ.get(ENV_BINARY), get_config()["FASTROUTER_BINARY"]]
+    here = Path(__file__).resolve().parent
+    candidates.append(str(here / "bin" / "fastrouter"))
+    # An editable install keeps the package here but the built binary in site-packages.
+    import sys
+
+    candidates += [str(Path(entry) / "parallel_render" / "bin" / "fastrouter") for entry in sys.path if entry]
+    candidates.append(str(here.parent / "fastrouter" / "build" / "fastrouter"))
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise ImproperlyConfigured(
+        "The fastrouter binary was not found. Install the package with `pip install .` (it "
+        f"builds the router), or build it with CMake and set {ENV_BINARY} to its path. Looked in: "
+        + ", ".join(p for p in candidates if p)
+    )

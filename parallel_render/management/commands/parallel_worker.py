@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from parallel_render import conf
+from parallel_render.worker import Worker
+
+
+class Command(BaseCommand):
+    help = "Run one parallel_render worker: take fragments from the fastrouter and render them."
+    requires_system_checks: list[str] = []
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--router", help="router address (default: PARALLEL_RENDER['ROUTER'])")
+        parser.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
+        parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        address = options["router"] or conf.get_config()["ROUTER"]
+        if not address:
+            raise CommandError("No router address: pass --router or set PARALLEL_RENDER['ROUTER'].")
+        max_jobs = options["max_jobs"] or conf.get_config()["WORKER_MAX_JOBS"]
+        Worker(address, max_jobs=max_jobs, parent_pid=options["parent_pid"]).run()

@@ -1,0 +1,113 @@
+"""ParallelRenderMiddleware: opens a render session around the view, then stitches the page."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import orjson
+from django.http import HttpRequest, HttpResponse
+
+from parallel_render import conf, session, signing
+from parallel_render import protocol as p
+from parallel_render.client import get_client
+
+logger = logging.getLogger("parallel_render")
+
+# How long past the last fragment's own deadline the master waits for the router's answer
+# before it gives up on the router and renders the rest itself.
+GRACE = 0.25
+
+
+class ParallelRenderMiddleware:
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        config = conf.get_config()
+        if not config["ENABLED"] or not config["ROUTER"] or self.wants_serial(request, config):
+            return self.get_response(request)
+        client = get_client(config["ROUTER"], config["MAX_PAYLOAD"])
+        current = session.RenderSession(request, client)
+        token = session.activate(current)
+        try:
+            response = self.get_response(request)
+        finally:
+            session.deactivate(token)
+        if current.fragments:
+            stitch(current, response)
+        return response
+
+    @staticmethod
+    def wants_serial(request: HttpRequest, config: dict[str, Any]) -> bool:
+        param = config["SERIAL_QUERY_PARAM"]
+        if param and request.GET.get(param, "") not in ("", "0"):
+            return True
+        header = config["SERIAL_HEADER"]
+        return bool(header) and request.headers.get(header, "").lower() == "serial"
+
+
+def stitch(current: session.RenderSession, response: HttpResponse) -> None:
+    """Wait for every fragment (one deadline for the page), then replace placeholders in one pass."""
+    fragments = current.fragments
+    waited_from = time.monotonic()
+    deadline = max(f.deadline for f in fragments) + GRACE
+    answers = current.client.collect([f.job_id for f in fragments], deadline)
+    waited = time.monotonic() - waited_from
+    html: dict[int, str] = {}
+    timings = []
+    for f in fragments:
+        answer = answers.get(f.job_id)
+        result, why = _result(f, answer)
+        if result is not None:
+            html[f.index] = result["html"]
+            timings.append(
+                f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'
+                f'desc="{f.node.label} pid {result["pid"]} render {result["ms"]:.1f}ms"'
+            )
+            continue
+        started = time.monotonic()
+        html[f.index] = f.node.rescue(f, why, failed=why.startswith("worker error"))
+        timings.append(
+            f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
+            f'desc="{f.node.label} master ({why[:60].replace(chr(34), chr(39))}) render '
+            f'{(time.monotonic() - started) * 1000:.1f}ms"'
+        )
+    if getattr(response, "streaming", False):
+        logger.error("a streaming response cannot be stitched; %d fragments were dropped", len(fragments))
+        return
+    charset = response.charset
+    encoded = {i: s.encode(charset) for i, s in html.items()}
+    content = current.pattern().sub(lambda m: encoded.get(int(m.group(1)), m.group(0)), response.content)
+    response.content = content
+    if response.has_header("Content-Length"):
+        response.headers["Content-Length"] = str(len(content))
+    timings.append(f"pr-wait;dur={waited * 1000:.1f};desc=\"master waited for {len(fragments)} fragments\"")
+    existing = response.headers.get("Server-Timing")
+    response.headers["Server-Timing"] = ", ".join(([existing] if existing else []) + timings)
+
+
+def _result(f: session.Pending, answer: Any) -> tuple[dict | None, str]:
+    if answer is None:
+        return None, "no answer before the page deadline"
+    if answer.type == p.TIMEOUT:
+        return None, "timed out"
+    if answer.type == p.BUSY:
+        return None, "the router queue is full"
+    if answer.type == p.ERROR:
+        return None, "router error: " + answer.payload.decode("utf-8", "replace")
+    try:
+        result = orjson.loads(signing.unsign(answer.payload))
+    except (signing.BadSignature, orjson.JSONDecodeError) as exc:
+        return None, f"bad result: {exc}"
+    if result.get("n") != f.nonce:
+        # Never stitch a fragment into a page it was not rendered for.
+        logger.error("result for %s carried the wrong nonce; discarded", f.node.label)
+        return None, "result belongs to another request"
+    if not result.get("ok"):
+        return None, f"worker error: {result.get('error', '?')}"
+    return result, ""

@@ -1,0 +1,294 @@
+"""{% parallel [timeout=S] [with a=expr ...] [only] %} ... [{% fallback %} ...] {% endparallel %}"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+from django import template
+from django.conf import settings
+from django.template import Context, Node, NodeList, TemplateSyntaxError
+from django.template.base import FilterExpression, token_kwargs
+
+from parallel_render import analysis, codec, conf, session, signing
+from parallel_render.client import RouterUnavailable
+from parallel_render.fragments import capture_env, engine_alias, render_captured
+
+register = template.Library()
+logger = logging.getLogger("parallel_render")
+
+# Tags that may enclose a block in the same template and pass its output through unchanged.
+TRANSPARENT_COMMANDS = {
+    "for", "if", "with", "autoescape", "block", "language", "localtime", "timezone",
+    "localize", "parallel", "comment", "verbatim", "extends",
+}
+
+
+class ParallelNode(Node):
+    child_nodelists = ("nodelist", "fallback")
+
+    def __init__(
+        self,
+        nodelist: NodeList,
+        fallback: NodeList | None,
+        timeout: FilterExpression | None,
+        extra: dict[str, FilterExpression],
+        isolated: bool,
+        template_name: str | None,
+        ordinal: int,
+        digest: str,
+        static_reason: str | None,
+        line: int,
+    ) -> None:
+        self.nodelist = nodelist
+        self.fallback = fallback
+        self.timeout = timeout
+        self.extra = extra
+        self.isolated = isolated
+        self.template_name = template_name
+        self.ordinal = ordinal
+        self.digest = digest
+        self.static_reason = static_reason
+        self.line = line
+        self._analysis: analysis.Analysis | None = None
+        self._logged: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<ParallelNode {self.label}>"
+
+    @property
+    def label(self) -> str:
+        return f"{self.template_name or '<string>'}:{self.line}"
+
+    # -- rendering ------------------------------------------------------------------------
+
+    def render(self, context: Context) -> str:
+        current = session.current()
+        if current is None:
+            return self.render_inline(context)
+        reason = self.reason_inline(context, sys._getframe(1))
+        if reason is not None:
+            return self._inline_because(current, context, reason)
+        try:
+            values = self.capture_values(context)
+        except codec.Unsendable as exc:
+            return self._inline_because(current, context, str(exc))
+        env = capture_env(context)
+        alias = engine_alias(context.template.engine)
+        if env is None or alias is None:
+            return self._inline_because(current, context, "its template engine or time zone cannot be carried")
+        index = len(current.fragments)
+        nonce = f"{current.token}:{index}"
+        try:
+            encoder = codec.Encoder()
+            encoded = {name: encoder.encode(value, name) for name, value in values.items()}
+            body = orjson.dumps(
+                {"v": 1, "e": alias, "t": self.template_name, "o": self.ordinal, "h": self.digest,
+                 "n": nonce, "c": encoded, "env": env}
+            )
+        except codec.Unsendable as exc:
+            return self._inline_because(current, context, str(exc))
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            return self._inline_because(current, context, f"a value cannot be encoded: {exc}")
+        timeout = self.resolve_timeout(context)
+        try:
+            job_id = current.client.submit(signing.sign(body), timeout)
+        except (RouterUnavailable, ValueError) as exc:
+            return self._inline_because(current, context, str(exc), warn=False)
+        now = time.monotonic()
+        current.fragments.append(
+            session.Pending(index, job_id, self, values, env, context.template, nonce, now, now + timeout)
+        )
+        return current.placeholder(index)
+
+    def render_inline(self, context: Context) -> str:
+        """Render the block here, exactly as it would render without the plugin."""
+        try:
+            return self._render_list(self.nodelist, context)
+        except Exception:
+            if self.fallback is None or settings.DEBUG:
+                raise
+            logger.exception("block %s failed; rendering its {%% fallback %%}", self.label)
+            return self._render_list(self.fallback, context)
+
+    def _render_list(self, nodelist: NodeList, context: Context) -> str:
+        # Without `with`, the block is no scope at all: it renders as if the tag were absent.
+        if not self.extra and not self.isolated:
+            return nodelist.render(context)
+        values = {name: fe.resolve(context) for name, fe in self.extra.items()}
+        if self.isolated:
+            return nodelist.render(context.new(values))
+        with context.push(values):
+            return nodelist.render(context)
+
+    def rescue(self, pending: session.Pending, why: str, failed: bool = False) -> str:
+        """In the master, after the page: the fallback, or the block itself, from captured values.
+
+        A block that raised in the worker is rendered here again, so in DEBUG the error page
+        shows the real exception, and without a fallback the page fails as it would serially.
+        """
+        if self.fallback is not None and not (failed and settings.DEBUG):
+            logger.warning("block %s: %s; rendering its {%% fallback %%}", self.label, why)
+            return render_captured(self, pending.template, pending.values, pending.env, fallback=True)
+        logger.warning("block %s: %s; rendering it in the master", self.label, why)
+        return render_captured(self, pending.template, pending.values, pending.env)
+
+    def resolve_timeout(self, context: Context) -> float:
+        if self.timeout is None:
+            return float(conf.get_config()["TIMEOUT"])
+        value = self.timeout.resolve(context)
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = 0.0
+        if not seconds > 0:
+            raise TemplateSyntaxError(f"{{% parallel timeout=... %}} at {self.label} must be a positive number of seconds, not {value!r}")
+        return seconds
+
+    def _inline_because(self, current: session.RenderSession, context: Context, reason: str, warn: bool = True) -> str:
+        current.inline.append((self.label, reason))
+        if reason not in self._logged:
+            self._logged.add(reason)
+            (logger.info if warn else logger.debug)("block %s renders inline: %s", self.label, reason)
+        return self.render_inline(context)
+
+    # -- analysis -------------------------------------------------------------------------
+
+    def get_analysis(self, engine: Any) -> analysis.Analysis:
+        if self._analysis is None:
+            transparent = analysis.transparent_paths(conf.get_config()["TRANSPARENT_TAGS"])
+            lists = [self.nodelist] + ([self.fallback] if self.fallback is not None else [])
+            self._analysis = analysis.analyse(lists, engine, sorted(transparent))
+        return self._analysis
+
+    def reason_inline(self, context: Context, frame: Any) -> str | None:
+        if self.static_reason:
+            return self.static_reason
+        found = self.get_analysis(context.template.engine).reason
+        if found:
+            return found
+        return enclosure_reason(self, frame)
+
+    def capture_values(self, context: Context) -> dict[str, Any]:
+        extra = {name: fe.resolve(context) for name, fe in self.extra.items()}
+        if self.isolated:
+            return extra
+        values: dict[str, Any] = {}
+        for name in self.get_analysis(context.template.engine).names:
+            try:
+                values[name] = context[name]
+            except KeyError:
+                pass
+        values.update(extra)
+        return values
+
+
+def enclosure_reason(node: ParallelNode, frame: Any) -> str | None:
+    """Why the block's output would not reach the response unchanged, from the render stack.
+
+    Walks up the Python stack: every template node being rendered around the block must pass
+    its output through unchanged, and the outermost render must be for a response (the
+    render() shortcut or a TemplateResponse), where the middleware stitches the page.
+    """
+    transparent = analysis.transparent_paths(conf.get_config()["TRANSPARENT_TAGS"])
+    f = frame
+    while f is not None:
+        code = f.f_code
+        if code is _RENDER_ANNOTATED:
+            outer = f.f_locals.get("self")
+            if outer is not node and outer is not None and analysis.class_path(outer) not in transparent:
+                return f"inside {{% {analysis.tag_name(outer)} %}}, which may change its output"
+        elif code in _RESPONSE_CODES:
+            return None
+        f = f.f_back
+    return "the template is not rendered for a response (render() or TemplateResponse)"
+
+
+def _response_codes() -> set[Any]:
+    from django import shortcuts
+    from django.template.response import SimpleTemplateResponse
+
+    return {shortcuts.render.__code__, SimpleTemplateResponse.rendered_content.fget.__code__}
+
+
+_RENDER_ANNOTATED = Node.render_annotated.__code__
+_RESPONSE_CODES = _response_codes()
+
+
+def parallel_nodes(tpl: Any) -> dict[int, ParallelNode]:
+    """Every {% parallel %} node parsed from this template, by ordinal (cached on the template)."""
+    index = getattr(tpl, "_parallel_index", None)
+    if index is None:
+        index = {}
+        _collect(tpl.nodelist, index, 0)
+        tpl._parallel_index = index
+    return index
+
+
+def _collect(value: Any, index: dict[int, ParallelNode], depth: int) -> None:
+    if depth > 50:
+        return
+    if isinstance(value, ParallelNode):
+        index[value.ordinal] = value
+    if isinstance(value, Node):
+        for key, item in vars(value).items():
+            if key not in ("token", "origin"):
+                _collect(item, index, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _collect(item, index, depth + 1)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect(item, index, depth + 1)
+
+
+@register.tag("parallel")
+def do_parallel(parser: Any, token: Any) -> ParallelNode:
+    bits = token.split_contents()[1:]
+    timeout = None
+    extra: dict[str, FilterExpression] = {}
+    isolated = False
+    while bits:
+        bit = bits.pop(0)
+        if bit.startswith("timeout="):
+            if timeout is not None:
+                raise TemplateSyntaxError("{% parallel %} got timeout= twice")
+            timeout = parser.compile_filter(bit[len("timeout="):])
+        elif bit == "with":
+            extra = token_kwargs(bits, parser, support_legacy=False)
+            if not extra:
+                raise TemplateSyntaxError("{% parallel with %} needs at least one name=value")
+        elif bit == "only":
+            isolated = True
+        else:
+            raise TemplateSyntaxError(
+                f"{{% parallel %}} got an unknown argument {bit!r}; it takes timeout=S, with a=b ..., and only"
+            )
+    ordinal = getattr(parser, "_parallel_ordinal", -1) + 1
+    parser._parallel_ordinal = ordinal
+    enclosing = [cmd for cmd, _tok in parser.command_stack if cmd not in TRANSPARENT_COMMANDS]
+    before = list(parser.tokens)
+    nodelist = parser.parse(("fallback", "endparallel"))
+    fallback = None
+    if parser.next_token().contents == "fallback":
+        fallback = parser.parse(("endparallel",))
+        parser.delete_first_token()
+    consumed = before[len(parser.tokens):]
+    digest = hashlib.sha256(
+        "\0".join([token.contents] + [f"{t.token_type.value}:{t.contents}" for t in reversed(consumed)]).encode()
+    ).hexdigest()[:32]
+    origin = getattr(parser, "origin", None)
+    template_name = getattr(origin, "template_name", None)
+    static_reason = None
+    if not isinstance(template_name, str):
+        static_reason = "its template was built from a string, so a worker cannot load it"
+    elif enclosing:
+        static_reason = f"inside {{% {enclosing[-1]} %}}, which may change its output"
+    return ParallelNode(
+        nodelist, fallback, timeout, extra, isolated, template_name if isinstance(template_name, str) else None,
+        ordinal, digest, static_reason, token.lineno,
+    )

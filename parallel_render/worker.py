@@ -1,0 +1,137 @@
+"""The worker loop: take fragments from the router, render them, send back HTML."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import traceback
+from typing import Any
+
+import orjson
+from django.conf import settings
+from django.core import signals
+from django.template import TemplateDoesNotExist
+
+from parallel_render import codec, fragments, signing
+from parallel_render import protocol as p
+from parallel_render.client import connect
+from parallel_render.process import die_with_parent
+
+logger = logging.getLogger("parallel_render")
+
+
+class Worker:
+    """One worker process. `run()` returns when told to stop or after max_jobs jobs."""
+
+    def __init__(self, address: str, max_jobs: int | None = None, parent_pid: int | None = None) -> None:
+        self.address = p.parse_address(address)
+        self.max_jobs = max_jobs
+        self.parent_pid = parent_pid
+        self.jobs_done = 0
+        self.stopping = False
+        self.busy = False
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+        if not self.busy:
+            raise SystemExit(0)
+
+    def run(self) -> None:
+        if self.parent_pid:
+            die_with_parent(self.parent_pid)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        backoff = 0.05
+        try:
+            while not self.stopping:
+                try:
+                    sock = connect(self.address)
+                except OSError as exc:
+                    self._check_parent()
+                    logger.debug("worker %d: router at %s not reachable (%s)", os.getpid(), self.address, exc)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                backoff = 0.05
+                try:
+                    self._serve(sock)
+                finally:
+                    sock.close()
+                if self.max_jobs and self.jobs_done >= self.max_jobs:
+                    return
+        except SystemExit:
+            return
+
+    def _check_parent(self) -> None:
+        if self.parent_pid and os.getppid() != self.parent_pid:
+            raise SystemExit(0)
+
+    def _serve(self, sock: socket.socket) -> None:
+        sock.settimeout(1.0)
+        sock.sendall(p.encode(p.HELLO, payload=bytes([p.ROLE_WORKER])) + p.encode(p.READY))
+        reader = p.FrameReader()
+        while not self.stopping:
+            try:
+                data = sock.recv(1 << 20)
+            except socket.timeout:
+                self._check_parent()
+                continue
+            except OSError as exc:
+                logger.warning("worker %d: router connection failed: %s", os.getpid(), exc)
+                return
+            if not data:
+                logger.info("worker %d: router closed the connection", os.getpid())
+                return
+            for frame in reader.feed(data):
+                if frame.type == p.JOB:
+                    self.busy = True
+                    try:
+                        result = self.handle(frame.payload)
+                    finally:
+                        self.busy = False
+                    self.jobs_done += 1
+                    last = bool(self.max_jobs and self.jobs_done >= self.max_jobs) or self.stopping
+                    out = p.encode(p.RESULT, frame.job_id, result)
+                    sock.sendall(out if last else out + p.encode(p.READY))
+                    if last:
+                        return
+                elif frame.type == p.PROTOCOL_ERROR:
+                    logger.error("worker %d: router says: %s", os.getpid(), frame.payload.decode("utf-8", "replace"))
+                    return
+
+    def handle(self, payload: bytes) -> bytes:
+        started = time.perf_counter()
+        nonce = None
+        signals.request_started.send(sender=self.__class__)
+        try:
+            job = orjson.loads(signing.unsign(payload))
+            nonce = job["n"]
+            html = render_job(job)
+            result: dict[str, Any] = {"ok": True, "html": html}
+        except Exception as exc:
+            logger.info("worker %d: block failed: %s: %s", os.getpid(), type(exc).__name__, exc)
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            if settings.DEBUG:
+                result["traceback"] = traceback.format_exc()
+        finally:
+            signals.request_finished.send(sender=self.__class__)
+        result["n"] = nonce
+        result["pid"] = os.getpid()
+        result["ms"] = (time.perf_counter() - started) * 1000
+        return signing.sign(orjson.dumps(result))
+
+
+def render_job(job: dict[str, Any]) -> str:
+    if job.get("v") != 1:
+        raise ValueError(f"unsupported job version {job.get('v')!r}")
+    try:
+        template = fragments.worker_template(job["e"], job["t"])
+    except TemplateDoesNotExist as exc:
+        raise fragments.SkewError(f"template {job['t']!r} not found in this worker") from exc
+    node = fragments.find_node(template, job["o"], job["h"])
+    decoder = codec.Decoder()
+    values = {name: decoder.decode(value) for name, value in job["c"].items()}
+    return fragments.render_captured(node, template, values, job["env"])

@@ -1,0 +1,145 @@
+"""The page through real router and worker processes is the page plain Django renders."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import os
+import threading
+import time
+
+import pytest
+from django.test import Client
+
+from tests.conftest import block_pids, rescued
+from tests.testapp.models import Article, Author, Tag
+
+SERIAL = {"HTTP_X_PARALLEL_RENDER": "serial"}
+
+
+@pytest.fixture
+def articles(transactional_db):
+    ann = Author.objects.create(name="Ann <A>", email="ann@example.com")
+    bob = Author.objects.create(name="Bob", email="bob@example.com")
+    red, blue = Tag.objects.create(name="red"), Tag.objects.create(name="blue & green")
+    for i in range(6):
+        a = Article.objects.create(
+            title=f"Article {i} <i>",
+            body="text " * i,
+            price=decimal.Decimal(f"{i}.{i}0"),
+            published=datetime.datetime(2024, 1, 1 + i, 12, tzinfo=datetime.timezone.utc),
+            day=datetime.date(2024, 3, 1 + i),
+            author=ann if i % 2 else bob,
+        )
+        a.tags.set([red] if i % 2 else [red, blue])
+
+
+def compare(client: Client, url: str) -> tuple:
+    serial = client.get(url, **SERIAL)
+    parallel = client.get(url)
+    assert serial.status_code == parallel.status_code == 200
+    assert parallel.content.decode() == serial.content.decode()
+    return serial, parallel
+
+
+def test_exact_page_with_models_loops_includes_inheritance(parallel, articles):
+    serial, response = compare(Client(), "/p/exact/?n=7")
+    pids = block_pids(response)
+    # 1 + 7 items + nested dict + autoescape + with + only + outer(inner inline) + articles + qs + author + request + missing
+    assert len(pids) == 19, response.headers.get("Server-Timing")
+    assert os.getpid() not in pids
+    assert set(pids) <= set(parallel.worker_pids)
+    assert not rescued(response)
+    assert "Article 5 &lt;i&gt;" in response.content.decode()
+    assert "Server-Timing" not in serial.headers
+
+
+def test_template_response_is_stitched_too(parallel):
+    compare(Client(), "/tr/exact/")
+
+
+def test_four_slow_blocks_run_at_once_in_workers(parallel):
+    client = Client()
+    client.get("/p/slow/?sleep=0")  # warm the workers' template caches
+    # Two workers: four 0.3 s blocks take two rounds; serially they take 1.2 s.
+    started = time.monotonic()
+    response = client.get("/p/slow/?sleep=0.3")
+    took = time.monotonic() - started
+    pids = block_pids(response)
+    assert len(pids) == 4 and os.getpid() not in pids and len(set(pids)) == 2
+    assert took < 0.9, took
+    body = response.content.decode()
+    assert body.count("pid=") == 4 and f"pid={os.getpid()}" not in body
+
+
+def test_timeout_shows_the_fallback(parallel):
+    started = time.monotonic()
+    response = Client().get("/p/timeout/?sleep=2&title=T")
+    assert time.monotonic() - started < 1.5
+    assert response.content.decode().strip() == "<p>FALLBACK T</p>"
+    assert rescued(response) == ["timed out"]
+
+
+def test_killed_worker_still_yields_the_complete_page(parallel):
+    client = Client()
+    serial = client.get("/p/crash/", **SERIAL).content.decode()
+    before = set(parallel.worker_pids)
+    response = client.get("/p/crash/")
+    assert response.content.decode() == serial
+    assert "rendered-in-master" in serial
+    assert any("worker" in why for why in rescued(response)), response.headers["Server-Timing"]
+    # The supervisor replaces the dead worker.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and set(parallel.worker_pids) == before:
+        time.sleep(0.05)
+    assert set(parallel.worker_pids) != before
+    parallel.wait_ready()
+
+
+def test_no_router_renders_everything_inline(settings, transactional_db):
+    settings.PARALLEL_RENDER = {"ROUTER": "unix:///nonexistent/router.sock"}
+    client = Client()
+    serial = client.get("/p/leak/?marker=m", **SERIAL)
+    started = time.monotonic()
+    response = client.get("/p/leak/?marker=m")
+    assert time.monotonic() - started < 1.0
+    assert response.content == serial.content
+    assert "Server-Timing" not in response.headers
+
+
+def test_concurrent_requests_never_see_each_others_fragments(parallel):
+    errors: list[str] = []
+
+    def one(n: int) -> None:
+        client = Client()
+        for round_ in range(3):
+            marker = f"req{n}r{round_}"
+            response = client.get(f"/p/leak/?marker={marker}&n=6&title={marker}")
+            body = response.content.decode()
+            expected = "".join(f"<i>{marker}-{i}</i>" for i in range(6))
+            if expected not in body or f"title {marker}" not in body or body.count("req") != 7:
+                errors.append(body)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:2]
+
+
+def test_blocks_that_cannot_be_sent_render_inline_and_say_why(parallel, caplog):
+    caplog.set_level("INFO", logger="parallel_render")
+    serial, response = compare(Client(), "/p/unsafe/?unsendable=1&n=4")
+    log = caplog.text
+    assert "{% cycle %} keeps state" in log
+    assert "inside {% filter %}" in log
+    assert "inside {% spaceless %}" in log
+    assert "assigns a variable" in log
+    assert "thing is a builtins.object" in log
+    assert "Server-Timing" not in response.headers
+
+
+def test_render_to_string_outside_a_response_stays_inline(parallel):
+    response = Client().get("/json/?title=J")
+    assert response.json() == {"html": "inner J\n"}

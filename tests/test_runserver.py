@@ -1,0 +1,145 @@
+"""`manage.py runserver` starts a router and workers and leaves none behind, however it ends."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_runserver(*extra: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    from django.conf import settings
+
+    env = dict(
+        os.environ, DJANGO_SETTINGS_MODULE="tests.settings", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+        PR_TEST_DB=str(settings.DATABASES["default"]["NAME"]),
+    )
+    env.pop("PARALLEL_RENDER_ROUTER", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "django", "runserver", f"127.0.0.1:{port}", *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    return proc, port
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cluster_pids(root_pid: int) -> set[int]:
+    """Routers and workers below root_pid."""
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for child in children:
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "fastrouter" in cmd or "parallel_worker" in cmd:
+            found.add(child.pid)
+    return found
+
+
+def all_gone(pids: set[int]) -> bool:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return not alive
+
+
+def page_ok(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/p/leak/?marker=rs", timeout=5) as r:
+            return r.status == 200 and "rs-0" in r.read().decode()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def runserver():
+    procs = []
+
+    def start(*extra):
+        proc, port = start_runserver(*extra)
+        procs.append(proc)
+        return proc, port
+
+    yield start
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+@pytest.mark.parametrize("how", ["sigint-group", "sigkill-parent"])
+def test_no_orphans(runserver, transactional_db, how):
+    proc, port = runserver()
+    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="router and 2 workers")
+    wait_for(lambda: page_ok(port), what="the page")
+    pids = cluster_pids(proc.pid)
+    everything = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+    if how == "sigint-group":
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    else:
+        proc.kill()
+    wait_for(lambda: all_gone(pids | everything), timeout=10, what=f"{how}: no process left")
+    proc.wait()
+
+
+def test_autoreload_replaces_the_cluster(runserver, transactional_db, tmp_path):
+    proc, port = runserver()
+    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="router and 2 workers")
+    wait_for(lambda: page_ok(port), what="the page")
+    first = cluster_pids(proc.pid)
+    views = ROOT / "tests" / "testapp" / "views.py"
+    os.utime(views)  # what saving the file does, for the reloader
+    wait_for(lambda: all_gone(first), timeout=20, what="the old cluster to go")
+    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="a new cluster")
+    wait_for(lambda: page_ok(port), what="the page after reload")
+    assert not (cluster_pids(proc.pid) & first)
+
+
+def test_noparallel_starts_nothing(runserver, transactional_db):
+    proc, port = runserver("--noparallel")
+    wait_for(lambda: page_ok(port), what="the page")
+    assert cluster_pids(proc.pid) == set()
+
+
+def test_startup_line_names_router_and_workers(runserver, transactional_db):
+    proc, port = runserver("--noreload")
+    wait_for(lambda: page_ok(port), what="the page")
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=10)[0].decode()
+    assert re.search(r"parallel_render: fastrouter at unix://\S+ \(pid \d+\), 2 workers", out), out

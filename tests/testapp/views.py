@@ -1,0 +1,49 @@
+import datetime
+import decimal
+import uuid
+
+from django.shortcuts import render
+from django.template.response import TemplateResponse
+from django.utils.safestring import mark_safe
+
+from tests.testapp.models import Article, Author
+
+
+def common_context(request):
+    return {
+        "title": request.GET.get("title", "Hello <world> & \"friends\""),
+        "items": [{"name": f"item {i}", "n": i, "html": "<b>bold</b>"} for i in range(int(request.GET.get("n", 5)))],
+        "numbers": list(range(10)),
+        "nested": {"a": {"b": ["x", ("y", 2), None]}, "flag": True},
+        "price": decimal.Decimal("12.50"),
+        "when": datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc),
+        "day": datetime.date(2024, 2, 29),
+        "ident": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "safe_html": mark_safe("<em>trusted</em>"),
+        "unsafe_html": "<script>alert(1)</script>",
+        "sleep": float(request.GET.get("sleep", 0)),
+        "marker": request.GET.get("marker", ""),
+    }
+
+
+def page(request, name):
+    ctx = common_context(request)
+    if Author.objects.exists():
+        ctx["articles"] = list(Article.objects.select_related("author").prefetch_related("tags"))
+        ctx["article_qs"] = Article.objects.filter(price__gte=0)
+        ctx["first_author"] = Author.objects.first()
+    if request.GET.get("unsendable"):
+        ctx["thing"] = object()
+    return render(request, f"t/{name}.html", ctx)
+
+
+def page_tr(request, name):
+    return TemplateResponse(request, f"t/{name}.html", common_context(request))
+
+
+def json_view(request):
+    from django.http import JsonResponse
+    from django.template.loader import render_to_string
+
+    html = render_to_string("t/render_to_string_inner.html", common_context(request), request)
+    return JsonResponse({"html": html})
