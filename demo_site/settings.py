@@ -118,7 +118,7 @@ def _caches() -> dict:
 CACHES = _caches()
 
 PARALLEL_RENDER = {
-    "WORKERS": int(os.environ.get("DEMO_WORKERS", "4")),
+    "WORKERS": int(os.environ.get("DEMO_WORKERS", "8")),
     "TIMEOUT": 5.0,
     # ``?serial=1`` renders the page serially, for side-by-side comparisons.
     "SERIAL_QUERY_PARAM": "serial",

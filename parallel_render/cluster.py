@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from parallel_render import conf
 
@@ -146,7 +146,7 @@ class LocalCluster:
     def stop(self, grace: float = 5.0) -> None:
         self._stop.set()
         with self._lock:
-            procs = [p for p in self.procs + [self.router] if p is not None]
+            procs = [p for p in [*self.procs, self.router] if p is not None]
             for proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)

@@ -70,7 +70,7 @@ class Encoder:
 
     def encode(self, value: Any, path: str) -> Any:
         t = type(value)
-        if t is str or t is bool or t is int and -MAX_INT <= value <= MAX_INT or value is None:
+        if t is str or t is bool or (t is int and -MAX_INT <= value <= MAX_INT) or value is None:
             return value
         if t is float:
             return value if math.isfinite(value) else {"$f": repr(value)}

@@ -40,7 +40,9 @@ ENV_BINARY = "PARALLEL_RENDER_FASTROUTER"
 
 @functools.cache
 def get_config() -> dict[str, Any]:
-    user = getattr(settings, "PARALLEL_RENDER", {}) or {}
+    user = getattr(settings, "PARALLEL_RENDER", None)
+    if user is None:
+        user = {}
     if not isinstance(user, dict):
         raise ImproperlyConfigured(
             f"PARALLEL_RENDER must be a dict, not {type(user).__name__}."

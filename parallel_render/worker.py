@@ -76,7 +76,7 @@ class Worker:
         while not self.stopping:
             try:
                 data = sock.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 self._check_parent()
                 continue
             except OSError as exc:

@@ -60,6 +60,14 @@ DATABASES = {
         "OPTIONS": {"timeout": 20},
     }
 }
+# PR_TEST_CACHE names a real memcached (memcached://host:port) or Redis (redis://...) server.
+_cache = os.environ.get("PR_TEST_CACHE", "")
+if _cache.startswith("memcached://"):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.memcached.PyMemcacheCache",
+                          "LOCATION": _cache[len("memcached://"):]}}
+elif _cache.startswith("redis://"):
+    CACHES = {"default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": _cache}}
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 STATIC_URL = "/static/"
 PARALLEL_RENDER = {"TIMEOUT": 5.0, "WORKERS": 2}

@@ -130,7 +130,7 @@ def test_concurrent_requests_never_see_each_others_fragments(parallel):
 
 def test_blocks_that_cannot_be_sent_render_inline_and_say_why(parallel, caplog):
     caplog.set_level("INFO", logger="parallel_render")
-    serial, response = compare(Client(), "/p/unsafe/?unsendable=1&n=4")
+    _serial, response = compare(Client(), "/p/unsafe/?unsendable=1&n=4")
     log = caplog.text
     assert "{% cycle %} keeps state" in log
     assert "inside {% filter %}" in log

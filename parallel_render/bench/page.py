@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from parallel_render.bench.stats import summary, table
 

@@ -28,3 +28,10 @@ def crash_worker():
 @register.simple_tag
 def boom():
     raise ValueError("boom")
+
+
+@register.simple_tag
+def cache_get(key):
+    from django.core.cache import cache
+
+    return cache.get(key, "miss")

@@ -1,0 +1,93 @@
+"""Errors in blocks behave as in serial rendering; bad settings and orders are reported."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.checks import run_checks
+from django.core.exceptions import ImproperlyConfigured
+from django.test import Client, override_settings
+
+from parallel_render import conf
+from tests.conftest import rescued
+
+
+def test_block_error_reaches_the_master_as_in_serial_rendering(parallel):
+    client = Client(raise_request_exception=True)
+    with pytest.raises(ValueError, match="boom"):
+        client.get("/p/error/", HTTP_X_PARALLEL_RENDER="serial")
+    with pytest.raises(ValueError, match="boom"):
+        client.get("/p/error/")
+
+
+def test_block_error_with_fallback_shows_the_fallback_in_production(parallel, caplog):
+    response = Client().get("/p/error_fallback/?title=T")
+    assert response.content.decode().strip() == "<p>sorry T</p>"
+    assert rescued(response) == ["worker error: ValueError: boom"]
+    assert "rendering its {% fallback %}" in caplog.text
+
+
+@override_settings(DEBUG=True)
+def test_block_error_with_fallback_raises_in_debug(parallel):
+    with pytest.raises(ValueError, match="boom"):
+        Client(raise_request_exception=True).get("/p/error_fallback/")
+
+
+def test_serial_query_param_and_disabled_setting(parallel):
+    client = Client()
+    with override_settings(PARALLEL_RENDER={"SERIAL_QUERY_PARAM": "serial"}):
+        assert "Server-Timing" in client.get("/p/leak/").headers
+        assert "Server-Timing" not in client.get("/p/leak/?serial=1").headers
+    with override_settings(PARALLEL_RENDER={"ENABLED": False}):
+        assert "Server-Timing" not in client.get("/p/leak/").headers
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"TIMEOUT": 0}, "TIMEOUT'] must be a positive number"),
+        ({"WORKERS": -1}, "WORKERS'] must be a whole number"),
+        ({"ROUTER": "redis://x"}, "must start with unix:// or tcp://"),
+        ({"TIMEOUTS": 1}, "unknown keys \\['TIMEOUTS'\\]"),
+        ([], "must be a dict"),
+    ],
+)
+def test_bad_settings_say_which_and_why(value, message):
+    with override_settings(PARALLEL_RENDER=value):
+        with pytest.raises(ImproperlyConfigured, match=message):
+            conf.get_config()
+        errors = [e for e in run_checks() if e.id == "parallel_render.E001"]
+        assert errors and "PARALLEL_RENDER" in errors[0].hint
+
+
+def test_middleware_order_check():
+    from django.conf import settings
+
+    bad = ["parallel_render.middleware.ParallelRenderMiddleware", "django.middleware.gzip.GZipMiddleware"]
+    with override_settings(MIDDLEWARE=bad):
+        (warning,) = [e for e in run_checks() if e.id == "parallel_render.W001"]
+        assert "GZipMiddleware" in warning.msg and "Move" in warning.hint
+    with override_settings(MIDDLEWARE=list(reversed(bad))):
+        assert not [e for e in run_checks() if e.id == "parallel_render.W001"]
+    apps = [a for a in settings.INSTALLED_APPS if a != "parallel_render"] + ["parallel_render"]
+    with override_settings(INSTALLED_APPS=apps):
+        assert [e for e in run_checks() if e.id == "parallel_render.W002"]
+
+
+def test_missing_router_binary_says_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.setenv(conf.ENV_BINARY, str(tmp_path / "nope"))
+    monkeypatch.setattr(conf.os.path, "isfile", lambda path: False)
+    with pytest.raises(ImproperlyConfigured, match=r"fastrouter binary was not found.*nope"):
+        conf.fastrouter_binary()
+
+
+def test_parallel_bench_page_prints_a_table(parallel, capsys):
+    import json
+
+    from django.core.management import call_command
+
+    call_command("parallel_bench", "page", "/p/slow/?sleep=0.05", "--requests", "3", "--json")
+    result = json.loads(capsys.readouterr().out)
+    assert result["requests"] == 3 and result["speedup_p50"] > 1.2
+    call_command("parallel_bench", "page", "/p/leak/", "--requests", "2")
+    out = capsys.readouterr().out
+    assert "| serial" in out and "| parallel" in out and "speed-up" in out
