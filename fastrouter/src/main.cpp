@@ -1,0 +1,121 @@
+// Command line of the fastrouter binary: parse and validate options, then hand off to net.cpp.
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "log.h"
+#include "net.h"
+
+#ifndef FASTROUTER_VERSION
+#define FASTROUTER_VERSION "0.0.0"
+#endif
+
+namespace {
+
+const char kUsage[] =
+    "usage: fastrouter --listen ADDRESS [options]\n"
+    "\n"
+    "Routes jobs from masters to idle workers (parallel_render's queue server).\n"
+    "\n"
+    "  --listen ADDRESS          unix:///abs/path/router.sock or tcp://HOST:PORT (PORT 0 picks one)\n"
+    "  --max-queue N             queued jobs before SUBMIT is answered BUSY (default 10000)\n"
+    "  --max-queue-bytes N       queued payload bytes before BUSY (default 268435456)\n"
+    "  --max-frame N             largest accepted payload in bytes (default 16777216)\n"
+    "  --max-output N            unread output per peer before it is disconnected (default 67108864)\n"
+    "  --default-timeout-ms N    deadline for SUBMITs with timeout 0 (default 30000)\n"
+    "  --parent-pid PID          exit when process PID (our parent) exits\n"
+    "  --quiet                   log only fatal errors\n"
+    "  --help                    show this help\n"
+    "  --version                 print the version\n"
+    "\n"
+    "Prints 'READY ADDRESS' on stdout once listening. SIGTERM/SIGINT answer pending jobs with\n"
+    "ERROR SHUTDOWN and exit 0. Exit code 2 means a bad option or an unsafe socket directory.\n";
+
+[[noreturn]] void usage_error(const std::string& msg) {
+    fprintf(stderr, "fastrouter: %s\n(run fastrouter --help for usage)\n", msg.c_str());
+    exit(2);
+}
+
+uint64_t parse_number(const std::string& opt, const std::string& value, uint64_t min,
+                      uint64_t max) {
+    if (value.empty() || value[0] < '0' || value[0] > '9')
+        usage_error(opt + ": expected a number, got '" + value + "'");
+    char* end = nullptr;
+    errno = 0;
+    unsigned long long v = std::strtoull(value.c_str(), &end, 10);
+    if (*end != '\0' || errno == ERANGE)
+        usage_error(opt + ": expected a number, got '" + value + "'");
+    if (v < min || v > max)
+        usage_error(opt + ": " + value + " is out of range (" + std::to_string(min) + ".." +
+                    std::to_string(max) + ")");
+    return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    fr::ServerOptions opts;
+    bool have_listen = false;
+    for (int i = 1; i < argc; i++) {
+        std::string arg = argv[i];
+        std::string value;
+        bool has_inline = false;
+        size_t eq = arg.find('=');
+        if (arg.compare(0, 2, "--") == 0 && eq != std::string::npos) {
+            value = arg.substr(eq + 1);
+            arg = arg.substr(0, eq);
+            has_inline = true;
+        }
+        auto need_value = [&]() -> std::string {
+            if (has_inline) return value;
+            if (i + 1 >= argc) usage_error(arg + ": missing value");
+            return argv[++i];
+        };
+        auto no_value = [&]() {
+            if (has_inline) usage_error(arg + ": takes no value");
+        };
+        if (arg == "--help" || arg == "-h") {
+            no_value();
+            fputs(kUsage, stdout);
+            return 0;
+        } else if (arg == "--version") {
+            no_value();
+            printf("fastrouter %s (protocol 1)\n", FASTROUTER_VERSION);
+            return 0;
+        } else if (arg == "--quiet") {
+            no_value();
+            fr::log_set_quiet(true);
+        } else if (arg == "--listen") {
+            std::string err;
+            std::string v = need_value();
+            if (!fr::parse_listen_address(v, &opts.listen, &err)) usage_error("--listen: " + err);
+            have_listen = true;
+        } else if (arg == "--max-queue") {
+            opts.router.max_queue = parse_number(arg, need_value(), 1, 100000000);
+        } else if (arg == "--max-queue-bytes") {
+            opts.router.max_queue_bytes = parse_number(arg, need_value(), 1, UINT64_MAX >> 1);
+        } else if (arg == "--max-frame") {
+            opts.router.max_frame =
+                static_cast<uint32_t>(parse_number(arg, need_value(), 1, UINT32_MAX));
+        } else if (arg == "--max-output") {
+            opts.router.max_output = parse_number(arg, need_value(), 1, UINT64_MAX >> 1);
+        } else if (arg == "--default-timeout-ms") {
+            opts.router.default_timeout_ms =
+                static_cast<uint32_t>(parse_number(arg, need_value(), 1, UINT32_MAX));
+        } else if (arg == "--parent-pid") {
+            opts.parent_pid = static_cast<pid_t>(parse_number(arg, need_value(), 1, INT32_MAX));
+        } else {
+            usage_error("unknown option '" + std::string(argv[i]) + "'");
+        }
+    }
+    if (!have_listen) usage_error("--listen is required (unix:///abs/path or tcp://host:port)");
+    if (opts.router.max_output < static_cast<uint64_t>(opts.router.max_frame) + fr::kHeaderSize)
+        usage_error("--max-output (" + std::to_string(opts.router.max_output) +
+                    ") must be at least --max-frame + 24 (" +
+                    std::to_string(static_cast<uint64_t>(opts.router.max_frame) + fr::kHeaderSize) +
+                    "), or a peer could never receive a maximal frame");
+    return fr::run_server(opts);
+}

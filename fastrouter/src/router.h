@@ -1,0 +1,181 @@
+// The routing core: connections and their roles, the job table, the LRU idle-worker list and
+// every rule of PROTOCOL.md "Semantics". No sockets: the event loop feeds bytes into a
+// connection's parser, calls input(), and writes out whatever the connection's OutBuf holds.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "frame.h"
+#include "idmap.h"
+#include "outbuf.h"
+#include "queue.h"
+
+namespace fr {
+
+struct RouterConfig {
+    size_t max_queue = 10000;
+    size_t max_queue_bytes = 256u << 20;
+    uint32_t max_frame = kDefaultMaxFrame;
+    size_t max_output = 64u << 20;
+    uint32_t default_timeout_ms = 30000;
+};
+
+struct RouterStats {
+    uint64_t submitted = 0;
+    uint64_t completed = 0;
+    uint64_t errors = 0;
+    uint64_t timeouts = 0;
+    uint64_t busy = 0;
+    uint64_t cancelled = 0;
+    uint64_t dropped = 0;
+    uint64_t protocol_errors = 0;
+};
+
+enum class ConnState : uint8_t {
+    kOpen,
+    kClosing,  // sent PROTOCOL_ERROR; flush it, then close. Already detached from routing.
+    kDead,     // close now without flushing (output cap exceeded). Detached from routing.
+};
+
+struct Conn {
+    uint64_t id = 0;
+    int fd = -1;
+    Role role = kRoleNone;
+    ConnState state = ConnState::kOpen;
+    FrameParser in;
+    OutBuf out;
+
+    // Master: its unanswered jobs, master's id -> router's id. A job leaves this map the
+    // moment it is answered or cancelled, so the master may reuse the id right after.
+    IdMap jobs;
+
+    // Worker: the job it holds (0 = none; kept after a timeout so the late RESULT is
+    // recognised), and its place in the LRU idle list.
+    uint64_t job = 0;
+    bool idle = false;
+    uint32_t idle_prev = 0;
+    uint32_t idle_next = 0;
+
+    bool pending = false;  // queued in Router::pending_
+    bool warned = false;   // this peer's misbehaviour was logged already
+
+    // Owned by the event loop.
+    bool want_write = false;
+    bool shut_wr = false;
+    int64_t linger_deadline = 0;
+};
+
+class Router {
+public:
+    explicit Router(const RouterConfig& cfg);
+    ~Router();
+    Router(const Router&) = delete;
+    Router& operator=(const Router&) = delete;
+
+    uint64_t open(int fd);
+    Conn* get(uint64_t id);
+    // Handles every whole frame buffered in the connection's parser.
+    void input(uint64_t id, int64_t now_us);
+    // The peer is gone (or the loop gave up on it): apply the disconnect rules, free the slot.
+    void closed(uint64_t id);
+    // Answers jobs whose deadline has passed.
+    void tick(int64_t now_us);
+    int64_t next_deadline();
+    // Answers every queued and in-flight job ERROR SHUTDOWN and refuses new ones.
+    void shutdown();
+
+    // Connections with new output or a new state since the last call.
+    void take_pending(std::vector<uint64_t>* out);
+
+    template <typename F>
+    void for_each_conn(F&& fn) {
+        for (auto& c : conns_)
+            if (c) fn(c.get());
+    }
+
+    std::string stats_json();
+    const RouterStats& stats() const { return stats_; }
+    const RouterConfig& config() const { return cfg_; }
+    size_t queued() const { return queue_.count(); }
+    size_t in_flight() const { return in_flight_; }
+    size_t connections() const { return live_conns_; }
+
+private:
+    static constexpr uint32_t kNil = 0xffffffffu;
+
+    struct Job {
+        uint32_t gen = 0;
+        bool live = false;
+        bool in_flight = false;
+        bool orphan = false;  // answered, cancelled or master gone: discard its result
+        uint16_t flags = 0;
+        uint64_t master = 0;
+        uint64_t master_job = 0;
+        uint64_t worker = 0;
+        JobQueue::Handle qh = 0;
+        int64_t deadline = kNoDeadline;
+        std::vector<uint8_t> payload;
+    };
+
+    uint64_t job_alloc();
+    Job* job_get(uint64_t id);
+    void job_free(uint64_t id);
+
+    void handle(Conn* c, const Frame& f, int64_t now);
+    void on_hello(Conn* c, const Frame& f);
+    void on_submit(Conn* c, const Frame& f, int64_t now);
+    void on_cancel(Conn* c, const Frame& f);
+    void on_ready(Conn* c, int64_t now);
+    void on_result(Conn* c, const Frame& f);
+    void on_stats(Conn* c, const Frame& f);
+
+    void dispatch(Conn* w, uint64_t job_id, int64_t now);
+    // Answers a job's master with a frame without payload ownership and retires the job.
+    void answer(Job* j, uint8_t type, uint16_t flags, const char* reason);
+
+    void send(Conn* c, uint8_t type, uint16_t flags, uint64_t job_id, uint32_t timeout_ms,
+              const uint8_t* payload, size_t len);
+    void send_owned(Conn* c, uint8_t type, uint16_t flags, uint64_t job_id, uint32_t timeout_ms,
+                    std::vector<uint8_t>& payload);
+    void after_send(Conn* c);
+    void protocol_error(Conn* c, const char* reason);
+    void kill(Conn* c);
+    void detach(Conn* c);
+    void drain_kills();
+    void mark(Conn* c);
+
+    void idle_push(Conn* w);
+    Conn* idle_pop();
+    void idle_remove(Conn* w);
+
+    void expire_in_flight(int64_t now);
+
+    RouterConfig cfg_;
+    RouterStats stats_;
+    JobQueue queue_;
+    DeadlineHeap in_flight_deadlines_;
+
+    std::vector<std::unique_ptr<Conn>> conns_;
+    std::vector<uint32_t> conn_gen_;
+    std::vector<uint32_t> conn_free_;
+    std::vector<Job> jobs_;
+    std::vector<uint32_t> job_free_;
+
+    uint32_t idle_head_ = kNil;
+    uint32_t idle_tail_ = kNil;
+    size_t workers_idle_ = 0;
+    size_t in_flight_ = 0;
+    size_t masters_ = 0;
+    size_t workers_ = 0;
+    size_t live_conns_ = 0;
+    bool stopping_ = false;
+
+    std::vector<uint64_t> pending_;
+    std::vector<uint64_t> kills_;
+};
+
+}  // namespace fr

@@ -1,0 +1,394 @@
+// Unit tests of the routing core, driven through byte streams without sockets.
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "log.h"
+#include "router.h"
+
+using namespace fr;
+
+namespace {
+
+struct Out {
+    FrameHeader h;
+    std::string payload;
+};
+
+std::string frame(uint8_t type, uint16_t flags, uint64_t job, uint32_t timeout,
+                  const std::string& p = "") {
+    FrameHeader h;
+    h.type = type;
+    h.flags = flags;
+    h.job_id = job;
+    h.timeout_ms = timeout;
+    h.length = static_cast<uint32_t>(p.size());
+    uint8_t hdr[kHeaderSize];
+    frame_encode_header(h, hdr);
+    return std::string(reinterpret_cast<char*>(hdr), kHeaderSize) + p;
+}
+
+struct Harness {
+    Router r;
+    int64_t now = 1000000;
+    explicit Harness(RouterConfig cfg = RouterConfig()) : r(cfg) { log_set_quiet(true); }
+
+    uint64_t connect(Role role) {
+        uint64_t id = r.open(-1);
+        if (role != kRoleNone) send(id, frame(kHello, 0, 0, 0, std::string(1, char(role))));
+        return id;
+    }
+    void send(uint64_t id, const std::string& bytes) {
+        Conn* c = r.get(id);
+        c->in.feed(bytes.data(), bytes.size());
+        r.input(id, now);
+    }
+    // Everything the router has written to `id` since the last call.
+    std::vector<Out> recv(uint64_t id) {
+        std::vector<Out> out;
+        Conn* c = r.get(id);
+        if (!c) return out;
+        std::string bytes;
+        struct iovec iov[OutBuf::kMaxIov];
+        while (!c->out.empty()) {
+            int n = c->out.fill_iov(iov, OutBuf::kMaxIov);
+            size_t got = 0;
+            for (int i = 0; i < n; i++) {
+                bytes.append(static_cast<char*>(iov[i].iov_base), iov[i].iov_len);
+                got += iov[i].iov_len;
+            }
+            c->out.consume(got);
+        }
+        FrameParser p(UINT32_MAX);
+        p.feed(bytes.data(), bytes.size());
+        Frame f;
+        while (p.next(&f) == FrameParser::Status::kFrame)
+            out.push_back({f.header, std::string(reinterpret_cast<const char*>(f.payload),
+                                                 f.header.length)});
+        return out;
+    }
+    void advance_ms(int64_t ms) {
+        now += ms * 1000;
+        r.tick(now);
+    }
+};
+
+}  // namespace
+
+TEST(round_trip_translates_ids) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    t.send(m, frame(kSubmit, kFlagHighPriority, 42, 250, "body"));
+    std::vector<Out> jobs = t.recv(w);
+    CHECK_EQ(jobs.size(), 1u);
+    if (jobs.size() != 1) return;
+    CHECK_EQ(jobs[0].h.type, kJob);
+    CHECK_EQ(jobs[0].h.flags, kFlagHighPriority);
+    CHECK_EQ(jobs[0].h.timeout_ms, 250u);
+    CHECK_EQ(jobs[0].payload, std::string("body"));
+    uint64_t rid = jobs[0].h.job_id;
+    CHECK(rid != 42);
+    t.send(w, frame(kResult, 0, rid, 0, "html") + frame(kReady, 0, 0, 0));
+    std::vector<Out> res = t.recv(m);
+    CHECK_EQ(res.size(), 1u);
+    CHECK_EQ(res[0].h.type, kResult);
+    CHECK_EQ(res[0].h.job_id, 42u);
+    CHECK_EQ(res[0].payload, std::string("html"));
+    CHECK_EQ(t.r.stats().completed, 1u);
+    CHECK_EQ(t.r.in_flight(), 0u);
+}
+
+TEST(lru_idle_worker_and_priority) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w1 = t.connect(kRoleWorker), w2 = t.connect(kRoleWorker);
+    t.send(m, frame(kSubmit, 0, 1, 0, "n1"));
+    t.send(m, frame(kSubmit, 0, 2, 0, "n2"));
+    t.send(m, frame(kSubmit, kFlagHighPriority, 3, 0, "h3"));
+    CHECK_EQ(t.r.queued(), 3u);
+    t.send(w2, frame(kReady, 0, 0, 0));
+    t.send(w1, frame(kReady, 0, 0, 0));
+    CHECK_EQ(t.recv(w2)[0].payload, std::string("h3"));
+    CHECK_EQ(t.recv(w1)[0].payload, std::string("n1"));
+}
+
+TEST(lru_order_among_idle_workers) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w[3] = {t.connect(kRoleWorker), t.connect(kRoleWorker), t.connect(kRoleWorker)};
+    t.send(w[1], frame(kReady, 0, 0, 0));
+    t.send(w[2], frame(kReady, 0, 0, 0));
+    t.send(w[0], frame(kReady, 0, 0, 0));
+    t.send(w[1], frame(kReady, 0, 0, 0));  // already idle: keeps its place
+    t.send(m, frame(kSubmit, 0, 1, 0, "a"));
+    t.send(m, frame(kSubmit, 0, 2, 0, "b"));
+    t.send(m, frame(kSubmit, 0, 3, 0, "c"));
+    CHECK_EQ(t.recv(w[1])[0].payload, std::string("a"));
+    CHECK_EQ(t.recv(w[2])[0].payload, std::string("b"));
+    CHECK_EQ(t.recv(w[0])[0].payload, std::string("c"));
+}
+
+TEST(busy_when_queue_full) {
+    RouterConfig cfg;
+    cfg.max_queue = 2;
+    Harness t(cfg);
+    uint64_t m = t.connect(kRoleMaster);
+    for (uint64_t i = 1; i <= 3; i++) t.send(m, frame(kSubmit, 0, i, 0, "x"));
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.type, kBusy);
+    CHECK_EQ(out[0].h.job_id, 3u);
+    CHECK_EQ(t.r.stats().busy, 1u);
+}
+
+TEST(busy_on_bytes_but_not_with_idle_worker) {
+    RouterConfig cfg;
+    cfg.max_queue_bytes = 4;
+    Harness t(cfg);
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    t.send(m, frame(kSubmit, 0, 1, 0, "0123456789"));  // straight to the worker
+    t.send(m, frame(kSubmit, 0, 2, 0, "0123456789"));
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.type, kBusy);
+    CHECK_EQ(out[0].h.job_id, 2u);
+    CHECK_EQ(t.recv(w).size(), 1u);
+}
+
+TEST(queued_timeout_never_delivered) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    t.send(m, frame(kSubmit, 0, 5, 100, "x"));
+    t.advance_ms(99);
+    CHECK(t.recv(m).empty());
+    t.advance_ms(1);
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.type, kTimeout);
+    CHECK_EQ(out[0].h.job_id, 5u);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    CHECK(t.recv(w).empty());
+}
+
+TEST(default_timeout_applies) {
+    RouterConfig cfg;
+    cfg.default_timeout_ms = 50;
+    Harness t(cfg);
+    uint64_t m = t.connect(kRoleMaster);
+    t.send(m, frame(kSubmit, 0, 5, 0, "x"));
+    CHECK_EQ(t.r.next_deadline(), t.now + 50000);
+    t.advance_ms(50);
+    CHECK_EQ(t.recv(m).size(), 1u);
+}
+
+TEST(in_flight_timeout_drops_late_result) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    t.send(m, frame(kSubmit, 0, 9, 100, "x"));
+    uint64_t rid = t.recv(w)[0].h.job_id;
+    t.advance_ms(100);
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.type, kTimeout);
+    t.send(w, frame(kResult, 0, rid, 0, "late") + frame(kReady, 0, 0, 0));
+    CHECK(t.recv(m).empty());
+    CHECK_EQ(t.r.stats().dropped, 1u);
+    // The worker is usable again and the master may reuse its id.
+    t.send(m, frame(kSubmit, 0, 9, 100, "y"));
+    CHECK_EQ(t.recv(w)[0].payload, std::string("y"));
+}
+
+TEST(worker_lost_mid_job) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    t.send(m, frame(kSubmit, 0, 11, 0, "x"));
+    t.r.closed(w);
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.type, kError);
+    CHECK_EQ(out[0].h.flags, kErrWorkerLost);
+    CHECK_EQ(out[0].h.job_id, 11u);
+    CHECK_EQ(t.r.in_flight(), 0u);
+}
+
+TEST(master_lost_drops_queue_and_discards_results) {
+    Harness t;
+    uint64_t m1 = t.connect(kRoleMaster), m2 = t.connect(kRoleMaster);
+    uint64_t w1 = t.connect(kRoleWorker), w2 = t.connect(kRoleWorker);
+    t.send(w1, frame(kReady, 0, 0, 0));
+    t.send(m1, frame(kSubmit, 0, 1, 0, "inflight"));
+    t.send(m1, frame(kSubmit, 0, 2, 0, "queued"));
+    t.send(m2, frame(kSubmit, 0, 1, 0, "other"));
+    uint64_t rid = t.recv(w1)[0].h.job_id;
+    t.r.closed(m1);
+    CHECK_EQ(t.r.queued(), 1u);
+    t.send(w2, frame(kReady, 0, 0, 0));
+    std::vector<Out> got = t.recv(w2);
+    CHECK_EQ(got.size(), 1u);
+    CHECK_EQ(got[0].payload, std::string("other"));
+    t.send(w1, frame(kResult, 0, rid, 0, "r"));
+    CHECK(t.recv(m2).empty());
+    CHECK_EQ(t.r.stats().dropped, 2u);
+}
+
+TEST(cancel_queued_and_in_flight) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    t.send(m, frame(kSubmit, 0, 1, 0, "a"));
+    t.send(m, frame(kSubmit, 0, 2, 0, "b"));
+    uint64_t rid = t.recv(w)[0].h.job_id;
+    t.send(m, frame(kCancel, 0, 2, 0) + frame(kCancel, 0, 1, 0) + frame(kCancel, 0, 99, 0));
+    CHECK_EQ(t.r.queued(), 0u);
+    CHECK_EQ(t.r.stats().cancelled, 2u);
+    t.send(w, frame(kResult, 0, rid, 0, "r") + frame(kReady, 0, 0, 0));
+    CHECK(t.recv(m).empty());
+    CHECK(t.recv(w).empty());
+}
+
+TEST(duplicate_id_rejected) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    t.send(m, frame(kSubmit, 0, 1, 0, "a") + frame(kSubmit, 0, 1, 0, "b"));
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.type, kError);
+    CHECK_EQ(out[0].h.flags, kErrRejected);
+    CHECK_EQ(t.r.queued(), 1u);
+}
+
+TEST(protocol_errors_close_only_the_offender) {
+    struct Bad {
+        Role role;
+        std::string bytes;
+    };
+    std::vector<Bad> bad = {
+        {kRoleNone, "GET / HTTP/1.1\r\n"},
+        {kRoleNone, frame(kSubmit, 0, 1, 0, "x")},
+        {kRoleMaster, frame(kReady, 0, 0, 0)},
+        {kRoleWorker, frame(kSubmit, 0, 1, 0)},
+        {kRoleMaster, frame(kHello, 0, 0, 0, "\x01")},
+        {kRoleNone, frame(kHello, 0, 0, 0, "\x03")},
+        {kRoleMaster, frame(kSubmit, 0x0002, 1, 0)},
+        {kRoleMaster, frame(kJob, 0, 1, 0)},
+    };
+    for (const Bad& b : bad) {
+        Harness t;
+        uint64_t good = t.connect(kRoleMaster);
+        uint64_t w = t.connect(kRoleWorker);
+        uint64_t c = t.connect(b.role);
+        t.send(c, b.bytes);
+        std::vector<Out> out = t.recv(c);
+        CHECK_EQ(out.size(), 1u);
+        if (out.size() == 1) CHECK_EQ(out[0].h.type, kProtocolError);
+        CHECK(t.r.get(c)->state == ConnState::kClosing);
+        t.send(w, frame(kReady, 0, 0, 0));
+        t.send(good, frame(kSubmit, 0, 1, 0, "ok"));
+        CHECK_EQ(t.recv(w).size(), 1u);
+        CHECK_EQ(t.r.stats().protocol_errors, 1u);
+    }
+}
+
+TEST(protocol_error_by_worker_holding_job_is_worker_lost) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    t.send(m, frame(kSubmit, 0, 3, 0, "x"));
+    t.send(w, "garbage");
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.flags, kErrWorkerLost);
+}
+
+TEST(stats_without_hello_and_keys) {
+    Harness t;
+    uint64_t c = t.connect(kRoleNone);
+    t.send(c, frame(kStats, 0, 77, 0));
+    std::vector<Out> out = t.recv(c);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.type, kStats);
+    CHECK_EQ(out[0].h.job_id, 77u);
+    for (const char* key : {"queued", "queued_bytes", "in_flight", "workers_idle", "workers_busy",
+                            "masters", "workers", "submitted", "completed", "errors", "timeouts",
+                            "busy", "cancelled", "dropped", "protocol_errors"})
+        CHECK(out[0].payload.find(std::string("\"") + key + "\":") != std::string::npos);
+}
+
+TEST(shutdown_answers_everything) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    t.send(m, frame(kSubmit, 0, 1, 0, "a") + frame(kSubmit, 0, 2, 0, "b"));
+    t.r.shutdown();
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 2u);
+    for (const Out& o : out) {
+        CHECK_EQ(o.h.type, kError);
+        CHECK_EQ(o.h.flags, kErrShutdown);
+    }
+    t.send(m, frame(kSubmit, 0, 3, 0, "c"));
+    out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.flags, kErrShutdown);
+}
+
+TEST(output_cap_disconnects_slow_master) {
+    RouterConfig cfg;
+    cfg.max_output = 1000;
+    Harness t(cfg);
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(m, frame(kSubmit, 0, 1, 0, "a") + frame(kSubmit, 0, 2, 0, "b"));
+    t.send(w, frame(kReady, 0, 0, 0));
+    uint64_t rid = t.recv(w)[0].h.job_id;
+    // The master never reads; a big result pushes it over the cap.
+    t.send(w, frame(kResult, 0, rid, 0, std::string(2000, 'r')) + frame(kReady, 0, 0, 0));
+    CHECK(t.r.get(m)->state == ConnState::kDead);
+    CHECK_EQ(t.r.queued(), 0u);  // its queued job was dropped with it
+    CHECK(t.recv(w).empty());
+}
+
+TEST(result_for_unheld_job_is_dropped) {
+    Harness t;
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kResult, 0, 12345, 0, "x"));
+    CHECK_EQ(t.r.stats().dropped, 1u);
+    CHECK(t.r.get(w)->state == ConnState::kOpen);
+}
+
+TEST(many_jobs_reuse_slots) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    for (uint64_t i = 1; i <= 20000; i++) {
+        t.send(m, frame(kSubmit, 0, i, 0, "p"));
+        std::vector<Out> j = t.recv(w);
+        if (j.size() != 1) {
+            CHECK_EQ(j.size(), 1u);
+            return;
+        }
+        t.send(w, frame(kResult, 0, j[0].h.job_id, 0, "r") + frame(kReady, 0, 0, 0));
+        std::vector<Out> r = t.recv(m);
+        if (r.size() != 1 || r[0].h.job_id != i) {
+            CHECK(false);
+            return;
+        }
+    }
+    CHECK_EQ(t.r.stats().completed, 20000u);
+}
+
+TEST_MAIN()
