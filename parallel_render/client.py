@@ -270,4 +270,5 @@ def get_client(address: str, max_payload: int = p.MAX_FRAME) -> RouterClient:
         client = _clients.get(address)
         if client is None:
             client = _clients[address] = RouterClient(address, max_payload)
+        client.max_payload = max_payload
         return client

@@ -37,7 +37,8 @@ ROOT_URLCONF = "tests.testapp.urls"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [BASE_DIR / "templates"],
+        # The second directory holds templates the property-based tests write at run time.
+        "DIRS": [BASE_DIR / "templates", Path(tempfile.gettempdir()) / "parallel_render_generated_templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [

@@ -9,6 +9,8 @@ from typing import Any
 
 from parallel_render.bench.stats import summary, table
 
+HELP = "render a page serially and in parallel, interleaved, and compare"
+
 SERIAL_HEADER = "X-Parallel-Render"
 
 
@@ -67,3 +69,39 @@ def format_result(result: dict[str, Any]) -> str:
         f"page {result['url']}, {result['requests']} requests per mode, interleaved\n"
         + table(["mode", "p50 ms", "p90 ms", "p99 ms", "mean ms"], rows)
     )
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("url", help="an http:// URL of a running server, or a path rendered in-process")
+    parser.add_argument("--requests", type=int, default=50, help="requests per mode")
+    parser.add_argument("--workers", type=int, default=None, help="workers for an in-process run")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def handle(options: dict[str, Any], stdout: Any) -> None:
+    import os
+
+    import orjson
+    from django.core.management.base import CommandError
+
+    from parallel_render import conf
+
+    if options["requests"] < 1:
+        raise CommandError("--requests must be at least 1")
+    url = options["url"]
+    cluster = None
+    if not url.startswith(("http://", "https://")) and not conf.get_config()["ROUTER"]:
+        from parallel_render.cluster import LocalCluster
+
+        cluster = LocalCluster(options["workers"] or conf.worker_count()).start()
+        cluster.wait_ready()
+        os.environ[conf.ENV_ROUTER] = cluster.address
+        conf.get_config.cache_clear()
+    try:
+        result = run(url, options["requests"])
+    finally:
+        if cluster is not None:
+            cluster.stop()
+            os.environ.pop(conf.ENV_ROUTER, None)
+            conf.get_config.cache_clear()
+    stdout.write(orjson.dumps(result).decode() if options["json"] else format_result(result))

@@ -97,8 +97,10 @@ class ParallelNode(Node):
         timeout = self.resolve_timeout(context)
         try:
             job_id = current.client.submit(signing.sign(body), timeout)
-        except (RouterUnavailable, ValueError) as exc:
+        except RouterUnavailable as exc:
             return self._inline_because(current, context, str(exc), warn=False)
+        except ValueError as exc:  # larger than MAX_PAYLOAD
+            return self._inline_because(current, context, str(exc))
         now = time.monotonic()
         current.fragments.append(
             session.Pending(index, job_id, self, values, env, context.template, nonce, now, now + timeout)

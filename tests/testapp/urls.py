@@ -3,6 +3,8 @@ from django.urls import path
 from tests.testapp import views
 
 urlpatterns = [
+    path("gen/<str:name>", views.generated, name="generated"),
+    path("form/", views.form_view, name="form"),
     path("json/", views.json_view, name="json"),
     path("p/<str:name>/", views.page, name="page"),
     path("tr/<str:name>/", views.page_tr, name="page_tr"),

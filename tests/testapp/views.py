@@ -47,3 +47,19 @@ def json_view(request):
 
     html = render_to_string("t/render_to_string_inner.html", common_context(request), request)
     return JsonResponse({"html": html})
+
+
+def form_view(request):
+    from django.http import HttpResponse
+
+    if request.method == "POST":
+        return HttpResponse("posted " + request.POST["x"])
+    return render(request, "t/form.html", common_context(request))
+
+
+# The property-based test sets the context its generated template renders with.
+GENERATED_CONTEXT: dict = {}
+
+
+def generated(request, name):
+    return render(request, name, GENERATED_CONTEXT)

@@ -1,0 +1,128 @@
+"""Through real HTTP: gunicorn masters (forked, threaded), the CSRF round trip, big payloads."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from django.test import Client, override_settings
+
+from tests.conftest import block_pids, rescued
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def gunicorn(parallel):
+    from django.conf import settings
+
+    port = free_port()
+    env = dict(
+        os.environ, DJANGO_SETTINGS_MODULE="tests.settings", PYTHONPATH=str(ROOT),
+        PR_TEST_DB=str(settings.DATABASES["default"]["NAME"]), PARALLEL_RENDER_ROUTER=parallel.address,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "tests.wsgi", "-b", f"127.0.0.1:{port}", "-w", "2",
+         "-k", "gthread", "--threads", "4", "--log-level", "warning"],
+        cwd=ROOT, env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        try:
+            urllib.request.urlopen(base + "/p/leak/", timeout=2).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise AssertionError("gunicorn did not start")
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_twenty_concurrent_http_requests_get_only_their_own_fragments(gunicorn):
+    errors: list[str] = []
+    pids: set[int] = set()
+
+    def one(n: int) -> None:
+        for round_ in range(3):
+            marker = f"u{n}x{round_}"
+            with urllib.request.urlopen(f"{gunicorn}/p/leak/?marker={marker}&n=8&title={marker}", timeout=30) as r:
+                body = r.read().decode()
+                timing = r.headers["Server-Timing"] or ""
+            pids.update(int(p) for p in re.findall(r"pid (\d+)", timing))
+            expected = "".join(f"<i>{marker}-{i}</i>" for i in range(8))
+            if expected not in body or f"title {marker}" not in body or len(re.findall(r"u\d+x\d", body)) != 9:
+                errors.append(body)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:2]
+    assert pids and not (pids - set(_worker_pids()))
+
+
+def _worker_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "parallel_worker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_csrf_token_rendered_by_a_worker_posts_from_a_fresh_browser(gunicorn):
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    with opener.open(f"{gunicorn}/form/?title=hello") as r:
+        page = r.read().decode()
+        timing = r.headers["Server-Timing"]
+    assert re.search(r"pid \d+", timing) and not re.search(r"master \(", timing)  # rendered by a worker
+    assert any(c.name == "csrftoken" for c in jar), "the CSRF cookie must be set on the response"
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    data = urllib.parse.urlencode({"csrfmiddlewaretoken": token, "x": "hello"}).encode()
+    request = urllib.request.Request(f"{gunicorn}/form/", data=data, headers={"Referer": f"{gunicorn}/form/"})
+    with opener.open(request) as r:
+        assert r.status == 200 and r.read().decode() == "posted hello"
+
+
+def test_oversize_block_renders_inline(parallel, caplog):
+    client = Client()
+    caplog.set_level("DEBUG", logger="parallel_render")
+    with override_settings(PARALLEL_RENDER={"MAX_PAYLOAD": 1000}):
+        serial = client.get("/p/big/?n=50", HTTP_X_PARALLEL_RENDER="serial")
+        response = client.get("/p/big/?n=50")
+    assert response.content == serial.content
+    # The block reading 50 items is too big to send; the one reading the title is not.
+    assert len(block_pids(response)) == 1
+    assert not rescued(response)
+    assert "exceeds MAX_PAYLOAD (1000)" in caplog.text
+
+
+def test_fastrouter_command_runs_the_router(tmp_path):
+    os.chmod(tmp_path, 0o700)
+    sock = tmp_path / "r.sock"
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="tests.settings", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "django", "fastrouter", "--listen", f"unix://{sock}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        line = proc.stdout.readline().decode()
+        assert line.strip() == f"READY unix://{sock}"
+        assert (sock.stat().st_mode & 0o777) == 0o600
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    assert not sock.exists()
