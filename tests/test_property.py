@@ -25,6 +25,9 @@ EXPRESSIONS = [
     "{{ dct }}", "{{ safe }}", "{{ safe|escape }}", "{{ none }}", "{{ none|default_if_none:'-' }}", "{{ b }}",
     "{{ obj.title }}", "{{ obj.author.name }}", "{{ obj.price }}", "{{ missing }}", "{{ missing.x|default:'m' }}",
     "{{ tup.0 }}", "{{ s|truncatechars:3 }}", "{{ s|linebreaksbr }}", "{{ n|floatformat:2 }}",
+    "{{ qs|length }}", "{% for a in qs %}{{ a.title }}/{{ a.author.name }};{% endfor %}", "{{ qs.count }}",
+    "{{ obj.tags.all|join:',' }}", "{{ dt|date:'DATETIME_FORMAT' }}", "{{ n|filesizeformat }}",
+    "{% url 'page' name=s|slugify|default:'x' %}", "{{ request.path }}", "{{ user.is_authenticated }}",
 ]
 TEXT = st.sampled_from(["", " ", "<p>", "</p>", "a & b", "\n", "é", "[", "]"])
 
@@ -45,6 +48,10 @@ def node(depth: int) -> st.SearchStrategy[str]:
         st.tuples(body, body).map(lambda t: f"{{% if b and n > 2 %}}{t[0]}{{% else %}}{t[1]}{{% endif %}}"),
         body.map(lambda b: f"{{% with s=s|lower n=n|add:1 %}}{b}{{% endwith %}}"),
         body.map(lambda b: f"{{% autoescape off %}}{b}{{% endautoescape %}}"),
+        body.map(lambda b: f"{{% load i18n %}}{{% language 'fr' %}}{b}{{% endlanguage %}}"),
+        body.map(lambda b: f"{{% load tz %}}{{% timezone 'America/New_York' %}}{b}{{% endtimezone %}}"),
+        body.map(lambda b: f"{{% load tz %}}{{% localtime off %}}{b}{{% endlocaltime %}}"),
+        body.map(lambda b: f"{{% load l10n %}}{{% localize off %}}{b}{{% endlocalize %}}"),
         body.map(lambda b: f"{{% filter lower %}}{b}{{% endfilter %}}"),
         body.map(lambda b: f"{{% spaceless %}}<p> {b} </p>{{% endspaceless %}}"),
         st.just('{% include "hyp/inc.html" %}'),
@@ -74,20 +81,33 @@ CONTEXTS = st.fixed_dictionaries(
 @pytest.fixture
 def article(parallel):
     author = Author.objects.create(name="Zoë <z>")
-    Article.objects.create(title="T & t", body="", price=decimal.Decimal("3.10"), author=author)
-    return Article.objects.select_related("author").get()
+    for i in range(3):
+        Article.objects.create(title=f"T & t{i}", body="", price=decimal.Decimal("3.10") * i, author=author)
+    return Article.objects.select_related("author").first()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=int(__import__("os").environ.get("HYP_EXAMPLES", "200")), deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(template=st.lists(node(0), min_size=1, max_size=6).map("".join), context=CONTEXTS)
 def test_parallel_page_equals_serial_page(article, template, context):
     source = "{% load parallel %}" + template
     name = "gen_" + hashlib.sha256(source.encode()).hexdigest()[:20] + ".html"
     GENERATED.mkdir(exist_ok=True)
     (GENERATED / name).write_text(source)
-    views.GENERATED_CONTEXT = dict(context, obj=article)
+    views.GENERATED_CONTEXT = dict(context, obj=article, qs=Article.objects.filter(price__gt=0))
     client = Client()
     serial = client.get(f"/gen/{name}", HTTP_X_PARALLEL_RENDER="serial")
     response = client.get(f"/gen/{name}")
     assert response.status_code == serial.status_code == 200
     assert response.content.decode() == serial.content.decode(), (source, response.headers.get("Server-Timing"))
+    DISPATCHED["pages"] += 1
+    DISPATCHED["blocks"] += response.headers.get("Server-Timing", "").count(" pid ")
+
+
+DISPATCHED = {"pages": 0, "blocks": 0}
+
+
+def test_the_property_run_really_sent_blocks_to_workers():
+    """Guards the property above against passing only because everything rendered inline."""
+    assert DISPATCHED["pages"] >= 20
+    print(DISPATCHED)
+    assert DISPATCHED["blocks"] >= DISPATCHED["pages"] // 2, DISPATCHED
