@@ -53,3 +53,28 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 )
             )
     return errors
+
+
+@checks.register(checks.Tags.templates)
+def check_blocks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """In DEBUG, every {% parallel %} block that will render inline, and why."""
+    if not settings.DEBUG:
+        return []
+    from parallel_render import inspection
+
+    warnings: list[checks.CheckMessage] = []
+    try:
+        reports = list(inspection.project_blocks())
+    except Exception as exc:  # a broken template is Django's own check to report
+        return [checks.Warning(f"could not inspect templates: {exc}", id="parallel_render.W004")]
+    for report in reports:
+        if report.reason is not None:
+            warnings.append(
+                checks.Warning(
+                    f"{{% parallel %}} block at {report.template}:{report.line} renders inline: {report.reason}.",
+                    hint="Run `manage.py parallel_check` for every block; the README lists what makes a block inline.",
+                    obj=report.template,
+                    id="parallel_render.W003",
+                )
+            )
+    return warnings

@@ -91,3 +91,23 @@ def test_parallel_bench_page_prints_a_table(parallel, capsys):
     call_command("parallel_bench", "page", "/p/leak/", "--requests", "2")
     out = capsys.readouterr().out
     assert "| serial" in out and "| parallel" in out and "speed-up" in out
+
+
+def test_parallel_check_lists_blocks_with_reasons(capsys, db):
+    from django.core.management import call_command
+
+    call_command("parallel_check", "--url", "/p/unsafe/?unsendable=1&n=2", no_color=True)
+    out = capsys.readouterr().out
+    assert "t/exact.html" in out and "parallel  reads: " in out
+    assert "inline: {% cycle %} keeps state across the page" in out
+    assert "inline: inside {% filter %}, which may change its output" in out
+    assert "rendering /p/unsafe/" in out
+    assert "t/unsafe.html:5" in out and "inline: thing is a builtins.object" in out
+
+
+def test_debug_startup_warns_about_inline_blocks():
+    with override_settings(DEBUG=True):
+        warnings = [e for e in run_checks(tags=["templates"]) if e.id == "parallel_render.W003"]
+    assert any("t/unsafe.html:2 renders inline: inside {% filter %}" in w.msg for w in warnings)
+    with override_settings(DEBUG=False):
+        assert not [e for e in run_checks(tags=["templates"]) if e.id == "parallel_render.W003"]
