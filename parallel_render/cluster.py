@@ -52,11 +52,11 @@ def start_router(address: str, binary: str | None = None, args: Sequence[str] = 
     return proc, line.split(None, 1)[1].decode().strip()
 
 
-def worker_command(address: str, max_jobs: int | None = None) -> list[str]:
+def worker_command(address: str, max_jobs: int | None = None, extra: Sequence[str] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "django", "parallel_worker", "--router", address, "--parent-pid", str(os.getpid())]
     if max_jobs:
         cmd += ["--max-jobs", str(max_jobs)]
-    return cmd
+    return cmd + list(extra)
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -77,8 +77,10 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         router_args: Sequence[str] = (),
         binary: str | None = None,
+        worker_args: Sequence[str] = (),
     ) -> None:
         self.workers = workers
+        self.worker_args = list(worker_args)
         self._dir = None if address else private_socket_dir()
         self.requested_address = address or f"unix://{self._dir}/router.sock"
         self.address = self.requested_address
@@ -102,7 +104,7 @@ class LocalCluster:
 
     def _spawn_worker(self) -> subprocess.Popen:
         return subprocess.Popen(
-            worker_command(self.address, self.max_jobs), env=self.env, stdin=subprocess.DEVNULL
+            worker_command(self.address, self.max_jobs, self.worker_args), env=self.env, stdin=subprocess.DEVNULL
         )
 
     def _supervise(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import functools
 import math
 import uuid
 from typing import Any
@@ -124,6 +125,21 @@ class Encoder:
             return {"$anon": 1}
         if type(value) is PermWrapper:
             return {"$perms": self.encode(value.user, f"{path}.user")}
+        codec = custom_codecs().get(type(value))
+        if codec is not None:
+            return {"$x": codec.tag, "v": codec.encode(value)}
+        if callable(value) and not isinstance(value, type):
+            # Django calls a callable it finds in the context (once per reference); the master
+            # calls it once here and sends what it returned.
+            if getattr(value, "do_not_call_in_templates", False):
+                raise Unsendable(path, value, "it is marked do_not_call_in_templates")
+            if getattr(value, "alters_data", False):
+                raise Unsendable(path, value, "it alters data, so templates do not call it")
+            try:
+                result = value()
+            except TypeError as exc:
+                raise Unsendable(path, value, f"calling it without arguments failed: {exc}") from exc
+            return self.encode(result, f"{path}()")
         raise Unsendable(path, value)
 
     def _model(self, obj: models.Model, path: str) -> Any:
@@ -213,6 +229,12 @@ class Encoder:
             }
         if hasattr(request, "user"):
             out["user"] = self.encode(request.user, f"{path}.user")
+        session = getattr(request, "session", None)
+        cache = getattr(session, "_session_cache", None)
+        if isinstance(cache, dict):
+            # Only a session the view already loaded: loading it here would cost a query and
+            # mark it accessed (adding Vary: Cookie) where the serial page would not.
+            out["session"] = self.encode(dict(cache), f"{path}.session")
         return out
 
 
@@ -288,6 +310,8 @@ class Decoder:
             return self._queryset(data)
         if tag == "$req":
             return self._request(data)
+        if tag == "$x":
+            return custom_codecs_by_tag()[first].decode(data["v"])
         if tag == "$anon":
             from django.contrib.auth.models import AnonymousUser
 
@@ -355,6 +379,8 @@ class Decoder:
             )
         if "user" in data:
             request.user = self.decode(data["user"])
+        if "session" in data:
+            request.session = RemoteSession(self.decode(data["session"]))
         return request
 
 
@@ -370,6 +396,54 @@ def _tz_from(value: Any) -> datetime.tzinfo:
 
         return zoneinfo.ZoneInfo(value)
     return datetime.timezone(datetime.timedelta(seconds=value["offset"]), value["name"])
+
+
+class RemoteSession(dict):
+    """The session data the master had loaded, read-only in spirit: a worker never saves it."""
+
+    accessed = True
+    modified = False
+
+
+class ValueCodec:
+    """Base for a site's own value types (list subclasses in PARALLEL_RENDER['VALUE_CODECS']).
+
+    `type` is the exact class handled, `tag` a short unique name; `encode` returns data
+    orjson can serialize, and `decode` rebuilds the value from it in the worker.
+    """
+
+    type: type
+    tag: str
+
+    def encode(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def decode(self, data: Any) -> Any:
+        raise NotImplementedError
+
+
+@functools.cache
+def custom_codecs() -> dict[type, ValueCodec]:
+    from django.core.exceptions import ImproperlyConfigured
+    from django.utils.module_loading import import_string
+
+    from parallel_render import conf
+
+    found: dict[type, ValueCodec] = {}
+    tags: set[str] = set()
+    for dotted in conf.get_config()["VALUE_CODECS"]:
+        codec = import_string(dotted)()
+        if not isinstance(getattr(codec, "type", None), type) or not isinstance(getattr(codec, "tag", None), str):
+            raise ImproperlyConfigured(f"VALUE_CODECS entry {dotted!r} needs a `type` class and a `tag` string")
+        if codec.tag in tags:
+            raise ImproperlyConfigured(f"VALUE_CODECS entry {dotted!r} repeats the tag {codec.tag!r}")
+        tags.add(codec.tag)
+        found[codec.type] = codec
+    return found
+
+
+def custom_codecs_by_tag() -> dict[str, ValueCodec]:
+    return {codec.tag: codec for codec in custom_codecs().values()}
 
 
 class RemoteRequest(HttpRequest):

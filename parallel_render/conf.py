@@ -29,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
     # Dotted paths of custom template Node classes that only read the variables they
     # were given (FilterExpressions on the node), so blocks containing them can be sent.
     "TRANSPARENT_TAGS": [],
+    # Dotted paths of parallel_render.codec.ValueCodec subclasses for the site's own types.
+    "VALUE_CODECS": [],
     # Path of the fastrouter binary; None finds the one installed with the package.
     "FASTROUTER_BINARY": None,
 }
@@ -76,9 +78,10 @@ def clear_config(**kwargs: Any) -> None:
     """setting_changed receiver, so override_settings(PARALLEL_RENDER=...) works."""
     if kwargs.get("setting") in (None, "PARALLEL_RENDER", "SECRET_KEY", "DEBUG"):
         get_config.cache_clear()
-        from parallel_render import signing
+        from parallel_render import codec, signing
 
         signing.job_key.cache_clear()
+        codec.custom_codecs.cache_clear()
 
 
 def worker_count() -> int:

@@ -42,9 +42,9 @@ def _might_use_tag(engine: Any, name: str) -> bool:
             for origin in loader.get_template_sources(name):
                 try:
                     return "parallel" in loader.get_contents(origin)
-                except Exception:  # noqa: S112 - missing in this loader; the next may have it
+                except Exception:  # missing in this loader; the next may have it
                     continue
-        except Exception:  # noqa: S112
+        except Exception:
             continue
     return False
 

@@ -14,7 +14,7 @@ from django.test import RequestFactory
 from django.utils.safestring import SafeString, mark_safe
 from django.utils.translation import gettext_lazy
 
-from parallel_render.codec import Decoder, Encoder, RemoteAttributeError, Unsendable
+from parallel_render.codec import Decoder, Encoder, RemoteAttributeError, Unsendable, ValueCodec
 from tests.testapp.models import Article, Author, Tag
 
 
@@ -59,7 +59,7 @@ def test_lazy_translation_is_resolved_in_the_master():
         (object(), "v is a builtins.object"),
         ({1: "x"}, "key 1 is not a string"),
         ({"ok": [1, {2, 3}]}, r"v\.ok\[1\] is a builtins.set"),
-        (lambda: 1, "builtins.function"),
+        (lambda x: x, "builtins.function, which cannot be sent to a worker: calling it without arguments failed"),
     ],
 )
 def test_unsendable_values_are_named(value, message):
@@ -111,3 +111,63 @@ def test_request_and_user():
     assert rebuilt.get_full_path() == "/a/b/?x=1&x=2&y=3"
     with pytest.raises(RemoteAttributeError):
         rebuilt.session  # noqa: B018
+
+
+class Money:
+    def __init__(self, cents: int, currency: str) -> None:
+        self.cents, self.currency = cents, currency
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Money) and (self.cents, self.currency) == (other.cents, other.currency)
+
+
+class MoneyCodec(ValueCodec):
+    type = Money
+    tag = "money"
+
+    def encode(self, value):
+        return [value.cents, value.currency]
+
+    def decode(self, data):
+        return Money(*data)
+
+
+def test_site_codecs_for_its_own_types(settings):
+    with pytest.raises(Unsendable):
+        trip(Money(5, "EUR"))
+    settings.PARALLEL_RENDER = {"VALUE_CODECS": ["tests.test_codec.MoneyCodec"]}
+    assert trip({"price": Money(5, "EUR")}) == {"price": Money(5, "EUR")}
+
+
+def test_callables_are_called_once_as_templates_would():
+    calls = []
+
+    def latest():
+        calls.append(1)
+        return [1, 2]
+
+    assert trip(latest) == [1, 2] and calls == [1]
+
+    def needs_args(x):
+        return x
+
+    with pytest.raises(Unsendable, match="calling it without arguments failed"):
+        trip(needs_args)
+
+    def delete():
+        pass
+
+    delete.alters_data = True
+    with pytest.raises(Unsendable, match="alters data"):
+        trip(delete)
+
+
+def test_loaded_session_travels_and_unloaded_one_does_not(rf):
+    from django.contrib.sessions.backends.signed_cookies import SessionStore
+
+    request = rf.get("/")
+    request.session = SessionStore()
+    with pytest.raises(RemoteAttributeError):
+        trip(request).session  # noqa: B018
+    request.session["cart"] = 3
+    assert trip(request).session["cart"] == 3

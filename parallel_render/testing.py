@@ -1,0 +1,88 @@
+"""Helpers for a site's own test suite: real workers, and "parallel page == serial page".
+
+    from parallel_render.testing import assert_parallel_equals_serial, parallel_workers
+
+    class PagesTest(TransactionTestCase):      # workers only see committed rows
+        def test_question_page(self):
+            with parallel_workers(2):
+                assert_parallel_equals_serial(self.client, "/q/1/")
+
+With pytest-django, wrap parallel_workers in a session fixture that depends on
+django_db_setup, and use the transactional_db fixture in the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from parallel_render import conf
+from parallel_render.cluster import LocalCluster
+
+SERIAL_HEADER = {"HTTP_X_PARALLEL_RENDER": "serial"}
+
+
+@contextlib.contextmanager
+def parallel_workers(workers: int = 2, env: dict[str, str] | None = None) -> Iterator[LocalCluster]:
+    """Start a router and workers on the test databases, and point this process's masters at it.
+
+    The workers are real processes: they open the databases by the names the test run
+    created, so those must be reachable from another process (a file for SQLite, not
+    ":memory:").
+    """
+    from django.db import connections
+
+    args = []
+    for alias in connections:
+        name = connections[alias].settings_dict["NAME"]
+        if connections[alias].vendor == "sqlite" and (not name or ":memory:" in str(name) or "mode=memory" in str(name)):
+            raise RuntimeError(
+                f"database {alias!r} is an in-memory SQLite database, which worker processes cannot "
+                "open; give it a file: DATABASES[alias]['TEST'] = {'NAME': '/tmp/test.sqlite3'}"
+            )
+        args += ["--db-name", f"{alias}={name}"]
+    previous = os.environ.get(conf.ENV_ROUTER)
+    with LocalCluster(workers, env=env, worker_args=args) as cluster:
+        cluster.wait_ready()
+        os.environ[conf.ENV_ROUTER] = cluster.address
+        conf.get_config.cache_clear()
+        try:
+            yield cluster
+        finally:
+            if previous is None:
+                os.environ.pop(conf.ENV_ROUTER, None)
+            else:
+                os.environ[conf.ENV_ROUTER] = previous
+            conf.get_config.cache_clear()
+
+
+def worker_rendered(response: Any) -> list[int]:
+    """Pids of the worker processes that rendered this response's blocks (from Server-Timing)."""
+    return [int(pid) for pid in re.findall(r" pid (\d+)", response.headers.get("Server-Timing", ""))]
+
+
+def assert_parallel_equals_serial(client: Any, path: str, require_parallel: bool = True, **extra: Any) -> Any:
+    """GET path serially and in parallel; fail unless both pages are byte-for-byte equal.
+
+    With require_parallel, also fail when no block was rendered by a worker (a page that
+    silently renders everything inline proves nothing). Returns the parallel response.
+    """
+    serial = client.get(path, **SERIAL_HEADER, **extra)
+    parallel = client.get(path, **extra)
+    if serial.status_code != parallel.status_code:
+        raise AssertionError(f"{path}: status {parallel.status_code} in parallel, {serial.status_code} serially")
+    if parallel.content != serial.content:
+        a, b = serial.content.decode(errors="replace"), parallel.content.decode(errors="replace")
+        at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        raise AssertionError(
+            f"{path}: the parallel page differs from the serial page at character {at}:\n"
+            f"  serial:   {a[max(0, at - 60):at + 60]!r}\n  parallel: {b[max(0, at - 60):at + 60]!r}"
+        )
+    if require_parallel and not worker_rendered(parallel):
+        raise AssertionError(
+            f"{path}: no block was rendered by a worker; run `manage.py parallel_check --url {path}` to see why"
+        )
+    return parallel
