@@ -75,8 +75,8 @@ def stitch(current: session.RenderSession, response: HttpResponse) -> None:
         html[f.index] = f.node.rescue(f, why, failed=why.startswith("worker error"))
         timings.append(
             f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
-            f'desc="{f.node.label} master ({why[:60].replace(chr(34), chr(39))}) render '
-            f'{(time.monotonic() - started) * 1000:.1f}ms"'
+            f'desc="{f.node.label} master render {(time.monotonic() - started) * 1000:.1f}ms: '
+            f'{why[:100].replace(chr(34), chr(39))}"'
         )
     if getattr(response, "streaming", False):
         logger.error("a streaming response cannot be stitched; %d fragments were dropped", len(fragments))

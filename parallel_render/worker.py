@@ -22,14 +22,23 @@ from parallel_render.process import die_with_parent
 
 logger = logging.getLogger("parallel_render")
 
+# A file the node's supervisor gave this worker: its mtime is our heartbeat, so a worker
+# stuck in one job (or stopped) is noticed, killed and replaced.
+HEARTBEAT_ENV = "PARALLEL_RENDER_WORKER_HEARTBEAT"
+HEARTBEAT_EVERY = 0.5
+
 
 class Worker:
     """One worker process. `run()` returns when told to stop or after max_jobs jobs."""
 
-    def __init__(self, address: str, max_jobs: int | None = None, parent_pid: int | None = None) -> None:
+    def __init__(
+        self, address: str, max_jobs: int | None = None, parent_pid: int | None = None, heartbeat: str | None = None
+    ) -> None:
         self.address = p.parse_address(address)
         self.max_jobs = max_jobs
         self.parent_pid = parent_pid
+        self.heartbeat = heartbeat or os.environ.get(HEARTBEAT_ENV) or None
+        self._beat_at = 0.0
         self.jobs_done = 0
         self.stopping = False
         self.busy = False
@@ -65,6 +74,16 @@ class Worker:
         except SystemExit:
             return
 
+    def beat(self, force: bool = False) -> None:
+        """Touch the heartbeat file: we are connected and not stuck in a job."""
+        now = time.monotonic()
+        if self.heartbeat and (force or now - self._beat_at >= HEARTBEAT_EVERY):
+            self._beat_at = now
+            try:
+                os.utime(self.heartbeat)
+            except OSError:
+                pass
+
     def _check_parent(self) -> None:
         if self.parent_pid and os.getppid() != self.parent_pid:
             raise SystemExit(0)
@@ -72,12 +91,14 @@ class Worker:
     def _serve(self, sock: socket.socket) -> None:
         sock.settimeout(1.0)
         sock.sendall(p.encode(p.HELLO, payload=bytes([p.ROLE_WORKER])) + p.encode(p.READY))
+        self.beat(force=True)
         reader = p.FrameReader()
         while not self.stopping:
             try:
                 data = sock.recv(1 << 20)
             except TimeoutError:
                 self._check_parent()
+                self.beat()
                 continue
             except OSError as exc:
                 logger.warning("worker %d: router connection failed: %s", os.getpid(), exc)
@@ -87,6 +108,7 @@ class Worker:
                 return
             for frame in reader.feed(data):
                 if frame.type == p.JOB:
+                    self.beat()
                     self.busy = True
                     try:
                         result = self.handle(frame.payload)

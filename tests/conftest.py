@@ -46,4 +46,4 @@ def block_pids(response) -> list[int]:
 
 def rescued(response) -> list[str]:
     header = response.headers.get("Server-Timing", "")
-    return re.findall(r'desc="[^"]* master \(([^)]*)\)', header)
+    return re.findall(r'desc="[^"]* master render [\d.]+ms: ([^"]*)"', header)

@@ -33,3 +33,11 @@ class Article(models.Model):
 
     def shout(self) -> str:
         return self.title.upper()
+
+
+def _broken(self):
+    # ObjectDoesNotExist has silent_variable_failure: templates render it as empty.
+    raise Author.DoesNotExist("no such author")
+
+
+Article.broken = _broken

@@ -63,3 +63,10 @@ GENERATED_CONTEXT: dict = {}
 
 def generated(request, name):
     return render(request, name, GENERATED_CONTEXT)
+
+
+def from_string(request):
+    from django.template import engines
+
+    template = engines["django"].from_string("{% load parallel %}{% parallel %}inline from string{% endparallel %}")
+    return TemplateResponse(request, template, {})

@@ -35,3 +35,32 @@ def cache_get(key):
     from django.core.cache import cache
 
     return cache.get(key, "miss")
+
+
+class ShoutNode(template.Node):
+    """A custom block tag that transforms what it encloses."""
+
+    def __init__(self, nodelist):
+        self.nodelist = nodelist
+
+    def render(self, context):
+        return self.nodelist.render(context).upper()
+
+
+@register.tag
+def shout(parser, token):
+    nodelist = parser.parse(("endshout",))
+    parser.delete_first_token()
+    return ShoutNode(nodelist)
+
+
+class ReadsContextNode(template.Node):
+    """A custom tag reading a variable it was never given."""
+
+    def render(self, context):
+        return str(context.get("title", ""))
+
+
+@register.tag
+def reads_title(parser, token):
+    return ReadsContextNode()

@@ -1,0 +1,52 @@
+"""`manage.py runparallel`: a production node (router, workers, gunicorn masters, CPU layout).
+
+It runs the gunicorn configuration in parallel_render.gunicorn_conf in this process, so
+`gunicorn -c python:parallel_render.gunicorn_conf project.wsgi` behaves the same.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from parallel_render.node import NodeOptions, gunicorn_application, node_layout
+
+
+class Command(BaseCommand):
+    help = "Run a production node: gunicorn masters, a fastrouter and workers, pinned to cores."
+    requires_system_checks: list[str] = []
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--bind", default=None, help="address masters listen on (default 127.0.0.1:8000)")
+        parser.add_argument("--masters", type=int, default=None, help="gunicorn worker processes (default: from the CPU layout)")
+        parser.add_argument("--workers", type=int, default=None, help="render workers (default: from the CPU layout)")
+        parser.add_argument("--worker-class", default=None, choices=["sync", "gthread"], help="gunicorn worker class (default gthread)")
+        parser.add_argument("--threads", type=int, default=None, help="threads per gthread master (default 4)")
+        parser.add_argument("--no-affinity", action="store_true", help="do not pin processes to cores")
+        parser.add_argument("--layout", action="store_true", help="print the CPU layout and exit")
+        parser.add_argument("--max-jobs", type=int, default=None, help="recycle a worker after this many jobs")
+        parser.add_argument("--max-memory", type=float, default=None, metavar="MB", help="recycle a worker above this resident size")
+        parser.add_argument("--stuck-timeout", type=float, default=None, metavar="S",
+                            help="kill a worker silent this long in one job (default 3 x TIMEOUT, at least 30)")
+        parser.add_argument("--router", default=None, help="address the router listens on (default: a private Unix socket)")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        for name in ("masters", "workers", "threads", "max_jobs"):
+            if options[name] is not None and options[name] < 1:
+                raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
+        node_options = NodeOptions(
+            workers=options["workers"], affinity=not options["no_affinity"], router=options["router"],
+            max_jobs=options["max_jobs"], max_memory_mb=options["max_memory"], stuck_timeout=options["stuck_timeout"],
+        )
+        if options["layout"]:
+            self.stdout.write(node_layout(options["masters"], node_options).describe())
+            return
+        overrides = {
+            "bind": options["bind"], "workers": options["masters"],
+            "worker_class": options["worker_class"], "threads": options["threads"],
+        }
+        # The hooks read the node's options from the environment, as under plain gunicorn.
+        os.environ.update(node_options.to_env())
+        gunicorn_application({k: v for k, v in overrides.items() if v is not None}).run()

@@ -1,0 +1,122 @@
+"""Named regressions for the rendering semantics: what runs in parallel, and how it renders."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from django.template import engines
+from django.test import Client
+
+from tests.conftest import block_pids, rescued
+
+SERIAL = {"HTTP_X_PARALLEL_RENDER": "serial"}
+GENERATED = Path(tempfile.gettempdir()) / "parallel_render_generated_templates"
+
+
+def fresh_templates() -> None:
+    """Forget parsed templates, so blocks log their reasons again."""
+    for loader in engines["django"].engine.template_loaders:
+        getattr(loader, "reset", lambda: None)()
+
+
+def same(url: str):
+    client = Client()
+    serial = client.get(url, **SERIAL)
+    response = client.get(url)
+    assert response.status_code == serial.status_code == 200
+    assert response.content.decode() == serial.content.decode()
+    return response
+
+
+def test_only_the_variables_a_block_reads_travel(parallel):
+    # `thing` cannot be sent, but /p/leak/ blocks never read it.
+    response = same("/p/leak/?unsendable=1&n=3")
+    assert len(block_pids(response)) == 4 and not rescued(response)
+
+
+def test_stateful_tags_and_cache_render_inline(parallel, caplog):
+    fresh_templates()
+    caplog.set_level("INFO", logger="parallel_render")
+    from django.core.cache import cache
+
+    cache.clear()  # so the block inside {% cache %} renders rather than comes from the cache
+    response = Client().get("/p/semantics_stateful/?n=3")
+    assert not block_pids(response)
+    cache.clear()
+    assert response.content == Client().get("/p/semantics_stateful/?n=3", **SERIAL).content
+    assert "{% ifchanged %} keeps state across the page" in caplog.text
+    assert "inside {% cache %}, which may change its output" in caplog.text
+    assert "{% resetcycle %} changes state kept across the page" in caplog.text
+
+
+def test_custom_tags_are_inline_unless_declared(parallel, caplog, settings):
+    fresh_templates()
+    caplog.set_level("INFO", logger="parallel_render")
+    response = same("/p/semantics_custom/?n=2")
+    text = caplog.text
+    assert "inside {% shout %}" in text
+    assert "custom tag {% reads_title %}" in text and "TRANSPARENT_TAGS" in text
+    assert "{% url ... as u %} assigns a variable outside the block" in text
+    # The loop-scoped assignment does not escape the block: that block is sent.
+    assert len(block_pids(response)) == 1
+
+
+def test_enclosing_transform_in_an_including_template_is_seen_at_render_time(parallel, caplog):
+    fresh_templates()
+    caplog.set_level("INFO", logger="parallel_render")
+    response = same("/p/semantics_cross/?n=2&marker=m")
+    assert "M-0" in response.content.decode()
+    assert not block_pids(response)
+    assert "inside {% filter %}" in caplog.text
+
+
+def test_silent_failures_language_timezone_and_models(parallel):
+    from tests.test_end_to_end import articles as _  # noqa: F401  (fixture module import)
+
+    from tests.testapp.models import Article, Author
+
+    author = Author.objects.create(name="Ann", email="")
+    Article.objects.create(title="A", body="", author=author)
+    response = same("/p/semantics_values/")
+    body = response.content.decode()
+    assert "[|A]" in body
+    assert "fr " in body and "mai 2024" in body
+    assert "Asia/Tokyo" in body and "4:08 p.m." in body
+    assert len(block_pids(response)) == 4
+
+
+def test_template_from_a_string_renders_inline(parallel):
+    response = Client().get("/from_string/")
+    assert response.content.decode() == "inline from string"
+    assert not block_pids(response)
+
+
+def test_version_skew_makes_the_master_render_the_block(parallel):
+    GENERATED.mkdir(exist_ok=True)
+    name = f"skew_{hashlib.sha256(str(time.time()).encode()).hexdigest()[:12]}.html"
+    path = GENERATED / name
+    path.write_text("{% load parallel %}{% parallel %}old {{ title }}{% endparallel %}")
+    engines["django"].engine.get_template(name)  # the master parsed the old version
+    path.write_text("{% load parallel %}{% parallel %}new {{ title }}{% endparallel %}")
+    from tests.testapp import views
+
+    views.GENERATED_CONTEXT = {"title": "T"}
+    response = Client().get(f"/gen/{name}")
+    assert response.content.decode() == "old T"
+    assert rescued(response) and "differs between master and worker" in rescued(response)[0]
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_errors_surface_as_in_serial_rendering(parallel, settings, debug):
+    settings.DEBUG = debug
+    client = Client(raise_request_exception=False)
+    serial = client.get("/p/error/", **SERIAL)
+    response = client.get("/p/error/")
+    assert serial.status_code == response.status_code == 500
+    if debug:
+        # The technical 500 page shows the template frame, as for a serial render.
+        assert b"t/error.html" in response.content and b"boom" in response.content
