@@ -75,7 +75,6 @@ def test_enclosing_transform_in_an_including_template_is_seen_at_render_time(par
 
 
 def test_silent_failures_language_timezone_and_models(parallel):
-    from tests.test_end_to_end import articles as _  # noqa: F401  (fixture module import)
 
     from tests.testapp.models import Article, Author
 
