@@ -8,6 +8,10 @@
 
 namespace fr {
 
+bool is_loopback_host(const std::string& host) {
+    return host == "localhost" || host == "::1" || host.compare(0, 4, "127.") == 0;
+}
+
 bool parse_listen_address(const std::string& s, ListenAddress* out, std::string* err) {
     static const std::string kUnix = "unix://";
     static const std::string kTcp = "tcp://";
@@ -51,10 +55,7 @@ bool parse_listen_address(const std::string& s, ListenAddress* out, std::string*
             host = rest.substr(0, colon);
             port = rest.substr(colon + 1);
         }
-        if (host.empty()) {
-            *err = "a tcp address needs a host, as in tcp://127.0.0.1:7070";
-            return false;
-        }
+        if (host.empty()) host = "127.0.0.1";  // tcp://:PORT: loopback unless told otherwise
         char* end = nullptr;
         errno = 0;
         unsigned long p = std::strtoul(port.c_str(), &end, 10);

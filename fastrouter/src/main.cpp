@@ -4,7 +4,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <string>
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "net.h"
@@ -20,19 +25,26 @@ const char kUsage[] =
     "\n"
     "Routes jobs from masters to idle workers (parallel_render's queue server).\n"
     "\n"
-    "  --listen ADDRESS          unix:///abs/path/router.sock or tcp://HOST:PORT (PORT 0 picks one)\n"
+    "  --listen ADDRESS          unix:///abs/path/router.sock or tcp://HOST:PORT (PORT 0 picks one;\n"
+    "                            tcp://:PORT is 127.0.0.1)\n"
+    "  --auth-token-file PATH    TCP peers must send this file's token in HELLO (required to listen\n"
+    "                            on a non-loopback host); the file must be private (chmod 600)\n"
     "  --max-queue N             queued jobs before SUBMIT is answered BUSY (default 10000)\n"
     "  --max-queue-bytes N       queued payload bytes before BUSY (default 268435456)\n"
     "  --max-frame N             largest accepted payload in bytes (default 16777216)\n"
     "  --max-output N            unread output per peer before it is disconnected (default 67108864)\n"
     "  --default-timeout-ms N    deadline for SUBMITs with timeout 0 (default 30000)\n"
     "  --parent-pid PID          exit when process PID (our parent) exits\n"
+    "  --cpu N                   pin the router to CPU N\n"
+    "  --drain-ms N              after SIGTERM, time jobs already with a worker get (default 5000)\n"
     "  --quiet                   log only fatal errors\n"
     "  --help                    show this help\n"
     "  --version                 print the version\n"
     "\n"
-    "Prints 'READY ADDRESS' on stdout once listening. SIGTERM/SIGINT answer pending jobs with\n"
-    "ERROR SHUTDOWN and exit 0. Exit code 2 means a bad option or an unsafe socket directory.\n";
+    "Prints 'READY ADDRESS' on stdout once listening. SIGTERM/SIGINT drain: stop accepting,\n"
+    "answer queued jobs with ERROR SHUTDOWN, let jobs in flight finish for up to --drain-ms (a\n"
+    "second signal ends the wait), then exit 0. Exit code 2 means a bad option, an unsafe socket\n"
+    "directory or token file, or a CPU that cannot be used.\n";
 
 [[noreturn]] void usage_error(const std::string& msg) {
     fprintf(stderr, "fastrouter: %s\n(run fastrouter --help for usage)\n", msg.c_str());
@@ -52,6 +64,25 @@ uint64_t parse_number(const std::string& opt, const std::string& value, uint64_t
         usage_error(opt + ": " + value + " is out of range (" + std::to_string(min) + ".." +
                     std::to_string(max) + ")");
     return v;
+}
+
+std::string read_token(const std::string& path) {
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0)
+        usage_error("--auth-token-file: cannot read " + path + ": " + strerror(errno));
+    if (st.st_mode & (S_IRWXG | S_IRWXO))
+        usage_error("--auth-token-file: " + path +
+                    " is readable or writable by group or others; chmod 600 it");
+    std::ifstream f(path, std::ios::binary);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    std::string token = ss.str();
+    while (!token.empty() && (token.back() == '\n' || token.back() == '\r' || token.back() == ' '))
+        token.pop_back();
+    if (token.size() < 16 || token.size() > 1024)
+        usage_error("--auth-token-file: the token in " + path + " must be 16 to 1024 bytes (it is " +
+                    std::to_string(token.size()) + ")");
+    return token;
 }
 
 }  // namespace
@@ -107,11 +138,22 @@ int main(int argc, char** argv) {
                 static_cast<uint32_t>(parse_number(arg, need_value(), 1, UINT32_MAX));
         } else if (arg == "--parent-pid") {
             opts.parent_pid = static_cast<pid_t>(parse_number(arg, need_value(), 1, INT32_MAX));
+        } else if (arg == "--cpu") {
+            opts.cpu = static_cast<int>(parse_number(arg, need_value(), 0, 4095));
+        } else if (arg == "--drain-ms") {
+            opts.drain_ms = static_cast<int64_t>(parse_number(arg, need_value(), 0, 3600000));
+        } else if (arg == "--auth-token-file") {
+            opts.auth_token_file = need_value();
+            opts.router.auth_token = read_token(opts.auth_token_file);
         } else {
             usage_error("unknown option '" + std::string(argv[i]) + "'");
         }
     }
     if (!have_listen) usage_error("--listen is required (unix:///abs/path or tcp://host:port)");
+    if (!opts.listen.is_unix && opts.router.auth_token.empty() &&
+        !fr::is_loopback_host(opts.listen.host))
+        usage_error("--listen " + opts.listen.host +
+                    ": listening beyond loopback needs --auth-token-file (or use 127.0.0.1)");
     if (opts.router.max_output < static_cast<uint64_t>(opts.router.max_frame) + fr::kHeaderSize)
         usage_error("--max-output (" + std::to_string(opts.router.max_output) +
                     ") must be at least --max-frame + 24 (" +

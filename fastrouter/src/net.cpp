@@ -9,6 +9,7 @@
 #include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/epoll.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -183,6 +184,7 @@ private:
     void close_conn(uint64_t id);
     void set_write_interest(Conn* c, bool on);
     void begin_shutdown(const char* why);
+    void end_drain();
     bool output_pending();
     int timeout_ms();
 
@@ -193,8 +195,10 @@ private:
     int spare_fd_ = -1;
     int64_t now_ = 0;
     int64_t next_parent_check_ = 0;
-    int64_t shutdown_deadline_ = 0;
+    int64_t drain_deadline_ = 0;     // end of the grace period for in-flight jobs
+    int64_t shutdown_deadline_ = 0;  // last moment to flush answers before exiting
     bool stopping_ = false;
+    bool draining_ = false;
     bool warned_emfile_ = false;
     std::vector<uint64_t> pending_;
     std::vector<uint64_t> lingering_;
@@ -244,7 +248,7 @@ void Loop::accept_all() {
             int one = 1;
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         }
-        uint64_t id = router_.open(fd);
+        uint64_t id = router_.open(fd, !opts_.listen.is_unix);
         epoll_event ev;
         ev.events = EPOLLIN | EPOLLRDHUP;
         ev.data.u64 = id;
@@ -340,7 +344,9 @@ bool Loop::output_pending() {
 void Loop::begin_shutdown(const char* why) {
     if (stopping_) return;
     stopping_ = true;
-    log_info("shutting down (%s): answering pending jobs with ERROR SHUTDOWN", why);
+    log_info("draining (%s): no new connections or jobs; queued jobs answered ERROR SHUTDOWN, "
+             "%zu in flight get up to %" PRId64 " ms to finish",
+             why, router_.in_flight(), opts_.drain_ms);
     epoll_ctl(epfd_, EPOLL_CTL_DEL, listener_->fd, nullptr);
     close(listener_->fd);
     listener_->fd = -1;
@@ -348,6 +354,17 @@ void Loop::begin_shutdown(const char* why) {
         unlink(listener_->unlink_path.c_str());
         listener_->unlink_path.clear();
     }
+    router_.drain();
+    draining_ = true;
+    drain_deadline_ = now_ + opts_.drain_ms * 1000;
+}
+
+void Loop::end_drain() {
+    if (!draining_) return;
+    draining_ = false;
+    if (router_.in_flight())
+        log_info("grace period over: answering %zu jobs still in flight with ERROR SHUTDOWN",
+                 router_.in_flight());
     router_.shutdown();
     shutdown_deadline_ = now_ + kShutdownFlushUs;
 }
@@ -358,7 +375,8 @@ int Loop::timeout_ms() {
         if (Conn* c = router_.get(id))
             if (c->linger_deadline < until) until = c->linger_deadline;
     if (opts_.parent_pid && next_parent_check_ < until) until = next_parent_check_;
-    if (stopping_ && shutdown_deadline_ < until) until = shutdown_deadline_;
+    if (draining_ && drain_deadline_ < until) until = drain_deadline_;
+    if (stopping_ && !draining_ && shutdown_deadline_ < until) until = shutdown_deadline_;
     if (until == kNoDeadline) return -1;
     int64_t left = until - now_;
     if (left <= 0) return 0;
@@ -400,8 +418,9 @@ int Loop::run(int sigfd) {
             next_parent_check_ = now_ + kParentCheckUs;
             if (getppid() != opts_.parent_pid) begin_shutdown("parent process exited");
         }
+        if (draining_ && (router_.in_flight() == 0 || now_ >= drain_deadline_)) end_drain();
         process_pending();
-        if (stopping_ && (!output_pending() || now_ >= shutdown_deadline_)) break;
+        if (stopping_ && !draining_ && (!output_pending() || now_ >= shutdown_deadline_)) break;
 
         int n = epoll_wait(epfd_, events, 256, timeout_ms());
         if (n < 0) {
@@ -416,8 +435,14 @@ int Loop::run(int sigfd) {
                 if (!stopping_) accept_all();
             } else if (tag == kTagSignal) {
                 signalfd_siginfo si;
-                while (read(sigfd, &si, sizeof si) == sizeof si)
+                while (read(sigfd, &si, sizeof si) == sizeof si) {
+                    if (stopping_) {
+                        // A second signal: the operator wants out now.
+                        if (draining_) end_drain();
+                        continue;
+                    }
                     begin_shutdown(si.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
+                }
             } else {
                 if (events[i].events & EPOLLOUT)
                     if (Conn* c = router_.get(tag)) flush(c);
@@ -455,6 +480,16 @@ int run_server(const ServerOptions& opts) {
         if (getppid() != opts.parent_pid) {
             log_error("parent process %d is gone; exiting", static_cast<int>(opts.parent_pid));
             return 1;
+        }
+    }
+    if (opts.cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(opts.cpu, &set);
+        if (sched_setaffinity(0, sizeof set, &set) != 0) {
+            log_error("cannot pin to CPU %d: %s (see nproc / taskset -p $$ for the CPUs allowed)",
+                      opts.cpu, strerror(errno));
+            return 2;
         }
     }
     struct rlimit rl;

@@ -25,7 +25,13 @@ struct ServerOptions {
     ListenAddress listen;
     RouterConfig router;
     pid_t parent_pid = 0;  // 0 = none
+    int cpu = -1;          // pin the router to this CPU; -1 = leave it to the scheduler
+    int64_t drain_ms = 5000;  // after SIGTERM, how long jobs already with a worker may take
+    std::string auth_token_file;
 };
+
+// True for 127.0.0.0/8, ::1 and "localhost": addresses other machines cannot reach.
+bool is_loopback_host(const std::string& host);
 
 // Runs until SIGTERM/SIGINT (or the parent dies); returns the process exit code.
 int run_server(const ServerOptions& opts);

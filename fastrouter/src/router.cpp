@@ -23,7 +23,7 @@ const char* role_name(Role r) {
 
 bool allowed(Role role, uint8_t type) {
     switch (role) {
-        case kRoleNone: return type == kHello || type == kStats;
+        case kRoleNone: return type == kHello || type == kStats;  // STATS: see handle()
         case kRoleMaster: return type == kSubmit || type == kStats || type == kCancel;
         case kRoleWorker: return type == kReady || type == kResult || type == kStats;
     }
@@ -44,7 +44,7 @@ Router::~Router() = default;
 
 // ---- connections -------------------------------------------------------------------------
 
-uint64_t Router::open(int fd) {
+uint64_t Router::open(int fd, bool needs_auth) {
     uint32_t slot;
     if (!conn_free_.empty()) {
         slot = conn_free_.back();
@@ -59,6 +59,7 @@ uint64_t Router::open(int fd) {
     Conn* c = conns_[slot].get();
     c->id = make_id(conn_gen_[slot], slot);
     c->fd = fd;
+    c->needs_auth = needs_auth && !cfg_.auth_token.empty();
     c->in.set_max_payload(cfg_.max_frame);
     live_conns_++;
     return c->id;
@@ -73,6 +74,11 @@ Conn* Router::get(uint64_t id) {
 void Router::closed(uint64_t id) {
     Conn* c = get(id);
     if (!c) return;
+    if (c->state == ConnState::kOpen && c->in.buffered() > 0 && !c->warned) {
+        c->warned = true;
+        log_info("%s connection %" PRIu64 " closed in the middle of a frame (%zu bytes unparsed)",
+                 role_name(c->role), c->id, c->in.buffered());
+    }
     detach(c);
     drain_kills();
     conns_[slot_of(id)].reset();
@@ -286,6 +292,10 @@ void Router::input(uint64_t id, int64_t now) {
 
 void Router::handle(Conn* c, const Frame& f, int64_t now) {
     const FrameHeader& h = f.header;
+    if (c->role == kRoleNone && c->needs_auth && h.type != kHello) {
+        protocol_error(c, "authenticate with HELLO first (this TCP listener requires a token)");
+        return;
+    }
     if (!allowed(c->role, h.type)) {
         char reason[160];
         if (c->role == kRoleNone)
@@ -310,15 +320,37 @@ void Router::handle(Conn* c, const Frame& f, int64_t now) {
         case kSubmit: on_submit(c, f, now); break;
         case kCancel: on_cancel(c, f); break;
         case kReady: on_ready(c, now); break;
-        case kResult: on_result(c, f); break;
+        case kResult: on_result(c, f, now); break;
         case kStats: on_stats(c, f); break;
         default: break;
     }
 }
 
+namespace {
+// Compares without an early exit, so timing does not reveal how much of a guess was right.
+bool same_token(const uint8_t* a, size_t alen, const std::string& b) {
+    uint8_t diff = alen == b.size() ? 0 : 1;
+    for (size_t i = 0; i < alen; i++)
+        diff |= static_cast<uint8_t>(a[i] ^ static_cast<uint8_t>(b[i % (b.empty() ? 1 : b.size())]));
+    return diff == 0 && !b.empty();
+}
+}  // namespace
+
 void Router::on_hello(Conn* c, const Frame& f) {
-    if (f.header.length != 1 || (f.payload[0] != kRoleMaster && f.payload[0] != kRoleWorker)) {
-        protocol_error(c, "HELLO payload must be one byte: 1 (master) or 2 (worker)");
+    if (f.header.length < 1 || (f.payload[0] != kRoleMaster && f.payload[0] != kRoleWorker)) {
+        protocol_error(c, "HELLO payload must start with one role byte: 1 (master) or 2 (worker)");
+        return;
+    }
+    bool has_token = f.header.length > 1;
+    if (has_token && !same_token(f.payload + 1, f.header.length - 1, cfg_.auth_token)) {
+        protocol_error(c, cfg_.auth_token.empty()
+                              ? "HELLO carries a token but this router has no --auth-token-file"
+                              : "authentication failed: wrong token in HELLO");
+        return;
+    }
+    if (c->needs_auth && !has_token) {
+        protocol_error(c, "authentication required: this TCP listener expects the token after "
+                          "HELLO's role byte");
         return;
     }
     c->role = static_cast<Role>(f.payload[0]);
@@ -370,6 +402,7 @@ void Router::on_submit(Conn* c, const Frame& f, int64_t now) {
     j->master_job = h.job_id;
     uint32_t timeout = h.timeout_ms ? h.timeout_ms : cfg_.default_timeout_ms;
     j->deadline = now + static_cast<int64_t>(timeout) * 1000;
+    j->submitted_at = now;
     j->payload.assign(f.payload, f.payload + h.length);
     c->jobs.insert(h.job_id, rid);
     if (w) {
@@ -429,7 +462,7 @@ void Router::on_ready(Conn* c, int64_t now) {
     idle_push(c);
 }
 
-void Router::on_result(Conn* c, const Frame& f) {
+void Router::on_result(Conn* c, const Frame& f, int64_t now) {
     uint64_t rid = f.header.job_id;
     if (c->job == 0 || rid != c->job) {
         stats_.dropped++;
@@ -450,6 +483,7 @@ void Router::on_result(Conn* c, const Frame& f) {
         return;
     }
     in_flight_--;
+    service_us_.record(now - j->dispatched_at);
     Conn* m = get(j->master);
     if (m && m->role == kRoleMaster) {
         m->jobs.erase(j->master_job);
@@ -466,6 +500,8 @@ void Router::dispatch(Conn* w, uint64_t rid, int64_t now) {
     j->in_flight = true;
     j->qh = 0;
     j->worker = w->id;
+    j->dispatched_at = now;
+    queue_wait_us_.record(now - j->submitted_at);
     w->job = rid;
     in_flight_++;
     int64_t left_us = j->deadline - now;
@@ -513,12 +549,18 @@ int64_t Router::next_deadline() {
     return q < f ? q : f;
 }
 
-void Router::shutdown() {
+void Router::drain() {
     stopping_ = true;
     static const char kReason[] = "router is shutting down";
     QueueEntry e;
     while (queue_.pop(&e))
         if (Job* j = job_get(e.job)) answer(j, kError, kErrShutdown, kReason);
+    drain_kills();
+}
+
+void Router::shutdown() {
+    drain();
+    static const char kReason[] = "router is shutting down";
     for (Job& j : jobs_) {
         if (!j.live || !j.in_flight || j.orphan) continue;
         j.orphan = true;  // the worker still holds it; its RESULT is dropped
@@ -581,11 +623,14 @@ std::string Router::stats_json() {
         "\"submitted\":%" PRIu64 ",\"completed\":%" PRIu64 ",\"errors\":%" PRIu64
         ",\"timeouts\":%" PRIu64 ",\"busy\":%" PRIu64 ",\"cancelled\":%" PRIu64
         ",\"dropped\":%" PRIu64 ",\"protocol_errors\":%" PRIu64
+        ",\"queue_wait_p50_us\":%" PRIu64 ",\"queue_wait_p99_us\":%" PRIu64
+        ",\"service_p50_us\":%" PRIu64 ",\"service_p99_us\":%" PRIu64
         ",\"max_queue\":%zu,\"max_queue_bytes\":%zu,\"max_frame\":%u,\"stopping\":%s}",
         queue_.count(), queue_.bytes(), in_flight_, workers_idle_, workers_ - workers_idle_,
         masters_, workers_, live_conns_, stats_.submitted, stats_.completed, stats_.errors,
         stats_.timeouts, stats_.busy, stats_.cancelled, stats_.dropped, stats_.protocol_errors,
-        queue_.max_count(), queue_.max_bytes(), cfg_.max_frame, stopping_ ? "true" : "false");
+        queue_wait_us_.percentile(0.5), queue_wait_us_.percentile(0.99), service_us_.percentile(0.5),
+        service_us_.percentile(0.99), queue_.max_count(), queue_.max_bytes(), cfg_.max_frame, stopping_ ? "true" : "false");
     return std::string(buf, n > 0 ? static_cast<size_t>(n) : 0);
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "frame.h"
+#include "histogram.h"
 #include "idmap.h"
 #include "outbuf.h"
 #include "queue.h"
@@ -22,6 +23,9 @@ struct RouterConfig {
     uint32_t max_frame = kDefaultMaxFrame;
     size_t max_output = 64u << 20;
     uint32_t default_timeout_ms = 30000;
+    // When set, a HELLO on a connection opened with needs_auth must carry this token after
+    // its role byte (PROTOCOL.md "Handshake").
+    std::string auth_token;
 };
 
 struct RouterStats {
@@ -46,6 +50,7 @@ struct Conn {
     int fd = -1;
     Role role = kRoleNone;
     ConnState state = ConnState::kOpen;
+    bool needs_auth = false;  // a TCP peer while --auth-token-file is set
     FrameParser in;
     OutBuf out;
 
@@ -76,7 +81,7 @@ public:
     Router(const Router&) = delete;
     Router& operator=(const Router&) = delete;
 
-    uint64_t open(int fd);
+    uint64_t open(int fd, bool needs_auth = false);
     Conn* get(uint64_t id);
     // Handles every whole frame buffered in the connection's parser.
     void input(uint64_t id, int64_t now_us);
@@ -85,7 +90,10 @@ public:
     // Answers jobs whose deadline has passed.
     void tick(int64_t now_us);
     int64_t next_deadline();
-    // Answers every queued and in-flight job ERROR SHUTDOWN and refuses new ones.
+    // Graceful stop, first half: queued jobs are answered ERROR SHUTDOWN, new SUBMITs too, and
+    // workers get no new work; jobs already with a worker may still finish (in_flight() > 0).
+    void drain();
+    // Second half (the grace period is over): in-flight jobs are answered ERROR SHUTDOWN too.
     void shutdown();
 
     // Connections with new output or a new state since the last call.
@@ -118,6 +126,8 @@ private:
         uint64_t worker = 0;
         JobQueue::Handle qh = 0;
         int64_t deadline = kNoDeadline;
+        int64_t submitted_at = 0;
+        int64_t dispatched_at = 0;
         std::vector<uint8_t> payload;
     };
 
@@ -130,7 +140,7 @@ private:
     void on_submit(Conn* c, const Frame& f, int64_t now);
     void on_cancel(Conn* c, const Frame& f);
     void on_ready(Conn* c, int64_t now);
-    void on_result(Conn* c, const Frame& f);
+    void on_result(Conn* c, const Frame& f, int64_t now);
     void on_stats(Conn* c, const Frame& f);
 
     void dispatch(Conn* w, uint64_t job_id, int64_t now);
@@ -156,6 +166,8 @@ private:
 
     RouterConfig cfg_;
     RouterStats stats_;
+    Histogram queue_wait_us_;  // SUBMIT received -> JOB handed to a worker
+    Histogram service_us_;     // JOB handed to a worker -> its RESULT received
     JobQueue queue_;
     DeadlineHeap in_flight_deadlines_;
 
