@@ -1,4 +1,5 @@
 // Unit tests of the routing core, driven through byte streams without sockets.
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -389,6 +390,76 @@ TEST(many_jobs_reuse_slots) {
         }
     }
     CHECK_EQ(t.r.stats().completed, 20000u);
+}
+
+TEST(drain_answers_queued_and_lets_in_flight_finish) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    uint64_t idle = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    t.send(m, frame(kSubmit, 0, 1, 0, "a") + frame(kSubmit, 0, 2, 0, "b"));
+    std::vector<Out> job = t.recv(w);
+    CHECK_EQ(job.size(), 1u);
+    t.r.drain();
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.job_id, 2u);
+    CHECK_EQ(out[0].h.flags, kErrShutdown);
+    CHECK_EQ(t.r.in_flight(), 1u);
+    t.send(idle, frame(kReady, 0, 0, 0));  // no new work during the drain
+    t.send(m, frame(kSubmit, 0, 3, 0, "c"));
+    CHECK_EQ(t.recv(idle).size(), 0u);
+    out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.flags, kErrShutdown);
+    t.send(w, frame(kResult, 0, job[0].h.job_id, 0, "done"));
+    out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    CHECK_EQ(out[0].h.type, kResult);
+    CHECK_EQ(t.r.in_flight(), 0u);
+}
+
+TEST(token_required_only_where_the_loop_says_so) {
+    RouterConfig cfg;
+    cfg.auth_token = "0123456789abcdef";
+    Harness t(cfg);
+    uint64_t unix_peer = t.r.open(-1, false);
+    t.send(unix_peer, frame(kHello, 0, 0, 0, std::string(1, char(kRoleMaster))));
+    CHECK_EQ(t.r.get(unix_peer)->role, kRoleMaster);
+    uint64_t tcp_bad = t.r.open(-1, true);
+    t.send(tcp_bad, frame(kHello, 0, 0, 0, std::string(1, char(kRoleMaster))));
+    CHECK(t.r.get(tcp_bad)->state != ConnState::kOpen);
+    uint64_t tcp_wrong = t.r.open(-1, true);
+    t.send(tcp_wrong, frame(kHello, 0, 0, 0, std::string(1, char(kRoleMaster)) + "0123456789abcdeX"));
+    CHECK(t.r.get(tcp_wrong)->state != ConnState::kOpen);
+    uint64_t tcp_stats = t.r.open(-1, true);
+    t.send(tcp_stats, frame(kStats, 0, 1, 0));
+    CHECK(t.r.get(tcp_stats)->state != ConnState::kOpen);
+    uint64_t tcp_ok = t.r.open(-1, true);
+    t.send(tcp_ok, frame(kHello, 0, 0, 0, std::string(1, char(kRoleWorker)) + "0123456789abcdef"));
+    CHECK_EQ(t.r.get(tcp_ok)->role, kRoleWorker);
+    CHECK(t.r.get(tcp_ok)->state == ConnState::kOpen);
+    CHECK_EQ(t.r.stats().protocol_errors, 3u);
+}
+
+TEST(stats_percentiles_of_queue_wait_and_service) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(m, frame(kSubmit, 0, 1, 0, "a"));
+    t.now += 7000;  // queued 7 ms
+    t.send(w, frame(kReady, 0, 0, 0));
+    std::vector<Out> job = t.recv(w);
+    t.now += 20000;  // served in 20 ms
+    t.send(w, frame(kResult, 0, job[0].h.job_id, 0, "r"));
+    std::string js = t.r.stats_json();
+    auto value = [&](const char* key) {
+        size_t at = js.find(std::string("\"") + key + "\":");
+        return at == std::string::npos ? -1L : std::atol(js.c_str() + at + std::strlen(key) + 3);
+    };
+    CHECK(value("queue_wait_p50_us") >= 6600 && value("queue_wait_p50_us") <= 7400);
+    CHECK(value("service_p99_us") >= 19000 && value("service_p99_us") <= 21000);
 }
 
 TEST_MAIN()

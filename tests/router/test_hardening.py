@@ -382,3 +382,28 @@ def test_garbage_from_many_peers_at_once(router):
     assert not errors, errors
     assert router.proc.poll() is None
     assert wait_for(lambda: stats(router.address)["connections"] == 1)  # the STATS peer itself
+
+
+def test_protocol_md_token_hello_example_is_accepted(start_router, private_dir):
+    """PROTOCOL.md's authenticated HELLO, byte for byte, against a router holding that token."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "fastrouter" / "PROTOCOL.md").read_text()
+    block = re.search(r"HELLO from a master on an authenticated TCP listener.*?:\n\n((?:    .*\n)+)", doc)
+    assert block, "example missing from PROTOCOL.md"
+    example = bytes.fromhex(block.group(1).replace("\n", " "))
+    path = os.path.join(private_dir, "doc-token")
+    with open(path, "w") as f:
+        f.write("0123456789abcdef\n")
+    os.chmod(path, 0o600)
+    router = start_router("--auth-token-file", path, listen="tcp://127.0.0.1:0")
+    worker = Peer(router.address)
+    worker.send(HELLO, payload=bytes([WORKER]) + b"0123456789abcdef")
+    worker.send(READY)
+    master = Peer(router.address)
+    master.send_raw(example)
+    master.send(SUBMIT, job_id=1, payload=b"doc")
+    job = worker.expect(JOB)
+    worker.send(RESULT, job_id=job.job_id, payload=b"ok")
+    assert master.expect(RESULT, 1).payload == b"ok"
