@@ -40,7 +40,8 @@ class Layout:
         return self.worker_cpus[slot % len(self.worker_cpus)] if self.pinned else ()
 
     def describe(self) -> str:
-        lines = [f"{len(self.cpus)} CPUs ({_ranges(self.cpus)}): {self.masters} masters, {self.workers} workers, 1 router"]
+        lines = [f"{_n(len(self.cpus), 'CPU')} ({_ranges(self.cpus)}): {_n(self.masters, 'master')}, "
+                 f"{_n(self.workers, 'worker')}, 1 router"]
         if not self.pinned:
             lines.append(f"no pinning: {self.reason}")
         else:
@@ -78,7 +79,7 @@ def plan(cpus: Sequence[int] | int | None = None, masters: int | None = None, wo
         # workers as cores keeps the cores busy while some wait.
         m = masters or 2
         w = workers or max(2, 2 * n)
-        return Layout(ids, m, w, reason=f"{n} CPU{'s' if n > 1 else ''}: pinning needs at least "
+        return Layout(ids, m, w, reason=f"{_n(n, 'CPU')}: pinning needs at least "
                       f"{MIN_PINNED_CPUS} (one each for the kernel, the router, two masters and a worker); "
                       "processes are left to the scheduler")
     kernel_n = max(1, n // 32)
@@ -163,3 +164,7 @@ def _per_core(count: int, cores: int) -> str:
     if count == MASTERS_PER_CORE * cores:
         return "two to a core"
     return f"{count} on {cores} core{'s' if cores > 1 else ''}"
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
