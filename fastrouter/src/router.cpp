@@ -167,6 +167,7 @@ uint64_t Router::job_alloc() {
     Job& j = jobs_[slot];
     j.gen = next_gen(j.gen);
     j.live = true;
+    jobs_live_++;
     j.in_flight = false;
     j.orphan = false;
     j.flags = 0;
@@ -189,6 +190,7 @@ void Router::job_free(uint64_t id) {
     Job* j = job_get(id);
     if (!j) return;
     j->live = false;
+    jobs_live_--;
     // Keep modest payload buffers for the next job in this slot (a pool in all but name);
     // drop big ones so memory stays flat after a burst of large fragments.
     if (j->payload.capacity() > kKeepJobPayload)
@@ -620,6 +622,7 @@ std::string Router::stats_json() {
         buf, sizeof buf,
         "{\"queued\":%zu,\"queued_bytes\":%zu,\"in_flight\":%zu,\"workers_idle\":%zu,"
         "\"workers_busy\":%zu,\"masters\":%zu,\"workers\":%zu,\"connections\":%zu,"
+        "\"jobs_live\":%zu,"
         "\"submitted\":%" PRIu64 ",\"completed\":%" PRIu64 ",\"errors\":%" PRIu64
         ",\"timeouts\":%" PRIu64 ",\"busy\":%" PRIu64 ",\"cancelled\":%" PRIu64
         ",\"dropped\":%" PRIu64 ",\"protocol_errors\":%" PRIu64
@@ -627,7 +630,7 @@ std::string Router::stats_json() {
         ",\"service_p50_us\":%" PRIu64 ",\"service_p99_us\":%" PRIu64
         ",\"max_queue\":%zu,\"max_queue_bytes\":%zu,\"max_frame\":%u,\"stopping\":%s}",
         queue_.count(), queue_.bytes(), in_flight_, workers_idle_, workers_ - workers_idle_,
-        masters_, workers_, live_conns_, stats_.submitted, stats_.completed, stats_.errors,
+        masters_, workers_, live_conns_, jobs_live_, stats_.submitted, stats_.completed, stats_.errors,
         stats_.timeouts, stats_.busy, stats_.cancelled, stats_.dropped, stats_.protocol_errors,
         queue_wait_us_.percentile(0.5), queue_wait_us_.percentile(0.99), service_us_.percentile(0.5),
         service_us_.percentile(0.99), queue_.max_count(), queue_.max_bytes(), cfg_.max_frame, stopping_ ? "true" : "false");

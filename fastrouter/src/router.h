@@ -184,6 +184,7 @@ private:
     size_t masters_ = 0;
     size_t workers_ = 0;
     size_t live_conns_ = 0;
+    size_t jobs_live_ = 0;  // job slots in use; 0 whenever no master or worker holds one
     bool stopping_ = false;
 
     std::vector<uint64_t> pending_;

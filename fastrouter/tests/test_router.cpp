@@ -281,7 +281,7 @@ TEST(protocol_errors_close_only_the_offender) {
         {kRoleWorker, frame(kSubmit, 0, 1, 0)},
         {kRoleMaster, frame(kHello, 0, 0, 0, "\x01")},
         {kRoleNone, frame(kHello, 0, 0, 0, "\x03")},
-        {kRoleMaster, frame(kSubmit, 0x0002, 1, 0)},
+        {kRoleMaster, frame(kSubmit, 0x0004, 1, 0)},
         {kRoleMaster, frame(kJob, 0, 1, 0)},
     };
     for (const Bad& b : bad) {
