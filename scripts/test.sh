@@ -37,6 +37,25 @@ cmake --build build/fastrouter-tsan -j2 >/dev/null
 PARALLEL_RENDER_FASTROUTER="$PWD/build/fastrouter-tsan/fastrouter" TSAN_OPTIONS=halt_on_error=1 \
   "$PYTHON" -m pytest -q -p no:django tests/router
 
+echo "== fastrouter: libFuzzer on the frame parser and routing core (${FASTROUTER_FUZZ_SECONDS:-20} s; set FASTROUTER_FUZZ_SECONDS for longer)"
+if ! command -v clang++ >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-rt-14-dev >/dev/null 2>&1 || true
+fi
+if command -v clang++ >/dev/null; then
+  cmake -S fastrouter -B build/fastrouter-fuzz -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ \
+    -DFASTROUTER_FUZZ=ON -DFASTROUTER_BENCH=OFF -DBUILD_TESTING=OFF >/dev/null
+  cmake --build build/fastrouter-fuzz -j2 --target fastrouter_fuzz_frame >/dev/null
+  fuzz_out=$(mktemp -d)
+  if ! build/fastrouter-fuzz/fastrouter_fuzz_frame -max_total_time="${FASTROUTER_FUZZ_SECONDS:-20}" \
+      "$fuzz_out" fastrouter/fuzz/corpus >"$fuzz_out.log" 2>&1; then
+    tail -60 "$fuzz_out.log"; echo "fuzzing found a crash; the input is the crash-* file named above"; exit 1
+  fi
+  tail -1 "$fuzz_out.log"
+  rm -rf "$fuzz_out" "$fuzz_out.log"
+else
+  echo "clang++ is not available: fuzzing skipped (apt install clang libclang-rt-14-dev)"
+fi
+
 echo "== ruff"
 "$PYTHON" -m ruff check .
 
