@@ -126,12 +126,16 @@ class RouterClient:
 
     # -- jobs -----------------------------------------------------------------------------
 
-    def submit(self, payload: bytes, timeout: float, high_priority: bool = False) -> int:
-        """Queue a job and return its id at once; raise RouterUnavailable if it cannot be sent."""
+    def submit(self, payload: bytes, timeout: float, high_priority: bool = False, no_queue: bool = False) -> int:
+        """Queue a job and return its id at once; raise RouterUnavailable if it cannot be sent.
+
+        no_queue: the router answers BUSY unless a worker is idle right now (nested blocks
+        use it, so they never wait on a queue only their own worker could drain).
+        """
         if len(payload) > self.max_payload:
             raise ValueError(f"job of {len(payload)} bytes exceeds MAX_PAYLOAD ({self.max_payload})")
         timeout_ms = max(1, min(int(timeout * 1000), 0xFFFFFFFF))
-        flags = p.FLAG_HIGH_PRIORITY if high_priority else 0
+        flags = (p.FLAG_HIGH_PRIORITY if high_priority else 0) | (p.FLAG_NO_QUEUE if no_queue else 0)
         with self._lock:
             sock = self._ensure_connected()
             job_id = self._next_id

@@ -54,6 +54,28 @@ class ParallelRenderMiddleware:
 
 def stitch(current: session.RenderSession, response: HttpResponse) -> None:
     """Wait for every fragment (one deadline for the page), then replace placeholders in one pass."""
+    html, timings = gather(current)
+    if getattr(response, "streaming", False):
+        logger.error("a streaming response cannot be stitched; %d fragments were dropped", len(html))
+        return
+    charset = response.charset
+    encoded = {i: s.encode(charset) for i, s in html.items()}
+    content = current.pattern().sub(lambda m: encoded.get(int(m.group(1)), m.group(0)), response.content)
+    response.content = content
+    if response.has_header("Content-Length"):
+        response.headers["Content-Length"] = str(len(content))
+    existing = response.headers.get("Server-Timing")
+    response.headers["Server-Timing"] = ", ".join(([existing] if existing else []) + timings)
+
+
+def stitch_text(current: session.RenderSession, text: str) -> str:
+    """The same for a string: a worker stitching the blocks nested in the block it rendered."""
+    html, _timings = gather(current)
+    return current.text_pattern().sub(lambda m: html.get(int(m.group(1)), m.group(0)), text)
+
+
+def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
+    """Every fragment's HTML (from its worker, or rescued here) and a Server-Timing entry each."""
     fragments = current.fragments
     waited_from = time.monotonic()
     deadline = max(f.deadline for f in fragments) + GRACE
@@ -63,52 +85,51 @@ def stitch(current: session.RenderSession, response: HttpResponse) -> None:
     timings = []
     for f in fragments:
         answer = answers.get(f.job_id)
-        result, why = _result(f, answer)
+        result, why, kind = _result(f, answer)
         if result is not None:
             html[f.index] = result["html"]
+            nested = f" +{result['nested']} nested" if result.get("nested") else ""
             timings.append(
                 f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'
-                f'desc="{f.node.label} pid {result["pid"]} render {result["ms"]:.1f}ms"'
+                f'desc="{f.node.label} pid {result["pid"]} render {result["ms"]:.1f}ms{nested}"'
             )
             continue
         started = time.monotonic()
-        html[f.index] = f.node.rescue(f, why, failed=why.startswith("worker error"))
+        html[f.index] = f.node.rescue(f, why, kind)
         timings.append(
             f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
             f'desc="{f.node.label} master render {(time.monotonic() - started) * 1000:.1f}ms: '
             f'{why[:100].replace(chr(34), chr(39))}"'
         )
-    if getattr(response, "streaming", False):
-        logger.error("a streaming response cannot be stitched; %d fragments were dropped", len(fragments))
-        return
-    charset = response.charset
-    encoded = {i: s.encode(charset) for i, s in html.items()}
-    content = current.pattern().sub(lambda m: encoded.get(int(m.group(1)), m.group(0)), response.content)
-    response.content = content
-    if response.has_header("Content-Length"):
-        response.headers["Content-Length"] = str(len(content))
-    timings.append(f"pr-wait;dur={waited * 1000:.1f};desc=\"master waited for {len(fragments)} fragments\"")
-    existing = response.headers.get("Server-Timing")
-    response.headers["Server-Timing"] = ", ".join(([existing] if existing else []) + timings)
+    timings.append(f'pr-wait;dur={waited * 1000:.1f};desc="waited for {len(fragments)} fragments"')
+    return html, timings
 
 
-def _result(f: session.Pending, answer: Any) -> tuple[dict | None, str]:
+# Why a fragment came back without HTML. The block's {% fallback %} stands in for a block that
+# failed or ran out of time; a block that was never rendered (no capacity, a router going
+# away, a worker running other code) is simply rendered by the master.
+FAILED, TIMED_OUT, NOT_RENDERED = "failed", "timed out", "not rendered"
+
+
+def _result(f: session.Pending, answer: Any) -> tuple[dict | None, str, str]:
     if answer is None:
-        return None, "no answer before the page deadline"
+        return None, "no answer before the page deadline", TIMED_OUT
     if answer.type == p.TIMEOUT:
-        return None, "timed out"
+        return None, "timed out", TIMED_OUT
     if answer.type == p.BUSY:
-        return None, "the router queue is full"
+        return None, ("no idle worker" if f.nested else "the router queue is full"), NOT_RENDERED
     if answer.type == p.ERROR:
-        return None, "router error: " + answer.payload.decode("utf-8", "replace")
+        why = "router error: " + answer.payload.decode("utf-8", "replace")
+        return None, why, FAILED if answer.flags == p.ERROR_WORKER_LOST else NOT_RENDERED
     try:
         result = orjson.loads(signing.unsign(answer.payload))
     except (signing.BadSignature, orjson.JSONDecodeError) as exc:
-        return None, f"bad result: {exc}"
+        return None, f"bad result: {exc}", NOT_RENDERED
     if result.get("n") != f.nonce:
         # Never stitch a fragment into a page it was not rendered for.
         logger.error("result for %s carried the wrong nonce; discarded", f.node.label)
-        return None, "result belongs to another request"
+        return None, "result belongs to another request", NOT_RENDERED
     if not result.get("ok"):
-        return None, f"worker error: {result.get('error', '?')}"
-    return result, ""
+        kind = NOT_RENDERED if result.get("master_only") else FAILED
+        return None, f"worker error: {result.get('error', '?')}", kind
+    return result, "", ""

@@ -23,6 +23,7 @@ class Pending:
     nonce: str
     submitted: float
     deadline: float
+    nested: bool = False
 
 
 @dataclass
@@ -33,6 +34,10 @@ class RenderSession:
     fragments: list[Pending] = field(default_factory=list)
     inline: list[tuple[str, str]] = field(default_factory=list)  # (block label, reason)
     started: float = field(default_factory=time.monotonic)
+    # Set in a worker: blocks nested in the one it renders go out at high priority, only to
+    # a worker that is idle right now, and never past the outer job's own deadline.
+    nested: bool = False
+    deadline: float | None = None
 
     def placeholder(self, index: int) -> str:
         # Only characters that HTML escaping, JSON encoding and URL-safe contexts leave alone.
@@ -40,6 +45,9 @@ class RenderSession:
 
     def pattern(self) -> re.Pattern[bytes]:
         return re.compile(rb"<!--pr:" + self.token.encode() + rb":(\d+)-->")
+
+    def text_pattern(self) -> re.Pattern[str]:
+        return re.compile(r"<!--pr:" + self.token + r":(\d+)-->")
 
 
 _current: contextvars.ContextVar[RenderSession | None] = contextvars.ContextVar(

@@ -15,9 +15,9 @@ from django.conf import settings
 from django.core import signals
 from django.template import TemplateDoesNotExist
 
-from parallel_render import codec, fragments, signing
+from parallel_render import codec, fragments, session, signing
 from parallel_render import protocol as p
-from parallel_render.client import connect
+from parallel_render.client import RouterClient, connect
 from parallel_render.process import die_with_parent
 
 logger = logging.getLogger("parallel_render")
@@ -32,7 +32,12 @@ class Worker:
     """One worker process. `run()` returns when told to stop or after max_jobs jobs."""
 
     def __init__(
-        self, address: str, max_jobs: int | None = None, parent_pid: int | None = None, heartbeat: str | None = None
+        self,
+        address: str,
+        max_jobs: int | None = None,
+        parent_pid: int | None = None,
+        heartbeat: str | None = None,
+        nested: bool = True,
     ) -> None:
         self.address = p.parse_address(address)
         self.max_jobs = max_jobs
@@ -42,6 +47,8 @@ class Worker:
         self.jobs_done = 0
         self.stopping = False
         self.busy = False
+        # Blocks nested in a job go out through this process's own master connection.
+        self.nested_client = RouterClient(address) if nested else None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -111,7 +118,7 @@ class Worker:
                     self.beat()
                     self.busy = True
                     try:
-                        result = self.handle(frame.payload)
+                        result = self.handle(frame.payload, frame.timeout_ms)
                     finally:
                         self.busy = False
                     self.jobs_done += 1
@@ -124,18 +131,23 @@ class Worker:
                     logger.error("worker %d: router says: %s", os.getpid(), frame.payload.decode("utf-8", "replace"))
                     return
 
-    def handle(self, payload: bytes) -> bytes:
+    def handle(self, payload: bytes, timeout_ms: int = 0) -> bytes:
         started = time.perf_counter()
         nonce = None
         signals.request_started.send(sender=self.__class__)
         try:
             job = orjson.loads(signing.unsign(payload))
             nonce = job["n"]
-            html = render_job(job)
-            result: dict[str, Any] = {"ok": True, "html": html}
+            deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
+            html, nested = render_job(job, self.nested_client, deadline)
+            result: dict[str, Any] = {"ok": True, "html": html, "nested": nested}
         except Exception as exc:
             logger.info("worker %d: block failed: %s: %s", os.getpid(), type(exc).__name__, exc)
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            if isinstance(exc, (fragments.SkewError, codec.RemoteAttributeError)):
+                # Not the block's fault: it needs the master (other code, or something that
+                # was not sent), so the master renders it rather than show its fallback.
+                result["master_only"] = True
             if settings.DEBUG:
                 result["traceback"] = traceback.format_exc()
         finally:
@@ -146,7 +158,12 @@ class Worker:
         return signing.sign(orjson.dumps(result))
 
 
-def render_job(job: dict[str, Any]) -> str:
+def render_job(job: dict[str, Any], nested: RouterClient | None = None, deadline: float | None = None) -> tuple[str, int]:
+    """The block's HTML, and how many blocks nested in it went to other workers.
+
+    With a client, blocks nested in this one go to workers that are idle right now, and
+    are stitched in here; the others render in this worker, as inline blocks do.
+    """
     if job.get("v") != 1:
         raise ValueError(f"unsupported job version {job.get('v')!r}")
     try:
@@ -156,4 +173,16 @@ def render_job(job: dict[str, Any]) -> str:
     node = fragments.find_node(template, job["o"], job["h"])
     decoder = codec.Decoder()
     values = {name: decoder.decode(value) for name, value in job["c"].items()}
-    return fragments.render_captured(node, template, values, job["env"])
+    if nested is None:
+        return fragments.render_captured(node, template, values, job["env"]), 0
+    current = session.RenderSession(None, nested, nested=True, deadline=deadline)
+    token = session.activate(current)
+    try:
+        html = fragments.render_captured(node, template, values, job["env"])
+    finally:
+        session.deactivate(token)
+    if not current.fragments:
+        return html, 0
+    from parallel_render.middleware import stitch_text
+
+    return stitch_text(current, html), len(current.fragments)

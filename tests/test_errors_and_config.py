@@ -111,3 +111,17 @@ def test_debug_startup_warns_about_inline_blocks():
     assert any("t/unsafe.html:2 renders inline: inside {% filter %}" in w.msg for w in warnings)
     with override_settings(DEBUG=False):
         assert not [e for e in run_checks(tags=["templates"]) if e.id == "parallel_render.W003"]
+
+
+def test_fallback_is_for_failures_and_timeouts_not_for_a_full_queue(transactional_db, monkeypatch):
+    from parallel_render.cluster import LocalCluster
+
+    # No workers and room for one queued job: the first block waits and times out (its
+    # fallback shows), the second is answered BUSY at once and the master renders it.
+    with LocalCluster(0, router_args=["--max-queue", "1"]) as cluster:
+        monkeypatch.setenv(conf.ENV_ROUTER, cluster.address)
+        conf.get_config.cache_clear()
+        response = Client().get("/p/busy/?title=T")
+    conf.get_config.cache_clear()
+    assert response.content.decode().strip() == "first-fallback|second T"
+    assert rescued(response) == ["timed out", "the router queue is full"]

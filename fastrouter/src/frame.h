@@ -29,6 +29,9 @@ enum FrameType : uint8_t {
 constexpr uint8_t kMaxType = kCancel;
 
 constexpr uint16_t kFlagHighPriority = 0x0001;
+// SUBMIT: deliver to a worker idle right now, or answer BUSY; never queue. Nested blocks use
+// it so a worker never waits on a queue that only its own completion could drain.
+constexpr uint16_t kFlagNoQueue = 0x0002;
 
 enum ErrorCode : uint16_t {
     kErrWorkerLost = 1,

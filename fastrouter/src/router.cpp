@@ -309,7 +309,7 @@ void Router::handle(Conn* c, const Frame& f, int64_t now) {
         protocol_error(c, reason);
         return;
     }
-    uint16_t allowed_flags = h.type == kSubmit ? kFlagHighPriority : 0;
+    uint16_t allowed_flags = h.type == kSubmit ? (kFlagHighPriority | kFlagNoQueue) : 0;
     if (h.flags & ~allowed_flags) {
         char reason[120];
         snprintf(reason, sizeof reason, "unknown flag bits 0x%04x in %s", h.flags & ~allowed_flags,
@@ -391,7 +391,7 @@ void Router::on_submit(Conn* c, const Frame& f, int64_t now) {
     }
     Conn* w = idle_pop();
     JobQueue::Priority prio = (h.flags & kFlagHighPriority) ? JobQueue::kHigh : JobQueue::kNormal;
-    if (!w && (queue_.count() + 1 > queue_.max_count() ||
+    if (!w && ((h.flags & kFlagNoQueue) || queue_.count() + 1 > queue_.max_count() ||
                queue_.bytes() + h.length > queue_.max_bytes())) {
         stats_.busy++;
         send(c, kBusy, 0, h.job_id, 0, nullptr, 0);

@@ -95,15 +95,21 @@ class ParallelNode(Node):
         except (TypeError, orjson.JSONEncodeError) as exc:
             return self._inline_because(current, context, f"a value cannot be encoded: {exc}")
         timeout = self.resolve_timeout(context)
+        if current.deadline is not None:
+            timeout = min(timeout, current.deadline - time.monotonic())
+            if timeout <= 0.001:
+                return self._inline_because(current, context, "the enclosing block's deadline has passed", warn=False)
         try:
-            job_id = current.client.submit(signing.sign(body), timeout)
+            job_id = current.client.submit(
+                signing.sign(body), timeout, high_priority=current.nested, no_queue=current.nested
+            )
         except RouterUnavailable as exc:
             return self._inline_because(current, context, str(exc), warn=False)
         except ValueError as exc:  # larger than MAX_PAYLOAD
             return self._inline_because(current, context, str(exc))
         now = time.monotonic()
         current.fragments.append(
-            session.Pending(index, job_id, self, values, env, context.template, nonce, now, now + timeout)
+            session.Pending(index, job_id, self, values, env, context.template, nonce, now, now + timeout, current.nested)
         )
         return current.placeholder(index)
 
@@ -127,13 +133,16 @@ class ParallelNode(Node):
         with context.push(values):
             return nodelist.render(context)
 
-    def rescue(self, pending: session.Pending, why: str, failed: bool = False) -> str:
-        """In the master, after the page: the fallback, or the block itself, from captured values.
+    def rescue(self, pending: session.Pending, why: str, kind: str) -> str:
+        """After the page: the fallback, or the block itself, from the captured values.
 
-        A block that raised in the worker is rendered here again, so in DEBUG the error page
-        shows the real exception, and without a fallback the page fails as it would serially.
+        kind is "failed", "timed out" or "not rendered". The fallback stands in for a block
+        that failed or timed out; in DEBUG a failed block is rendered again instead, so the
+        error page shows the real exception (and without a fallback the page fails as it
+        would serially). A block that was never rendered is simply rendered here.
         """
-        if self.fallback is not None and not (failed and settings.DEBUG):
+        use_fallback = kind == "timed out" or (kind == "failed" and not settings.DEBUG)
+        if self.fallback is not None and use_fallback:
             logger.warning("block %s: %s; rendering its {%% fallback %%}", self.label, why)
             return render_captured(self, pending.template, pending.values, pending.env, fallback=True)
         logger.warning("block %s: %s; rendering it in the master", self.label, why)
@@ -214,7 +223,10 @@ def _response_codes() -> set[Any]:
     from django import shortcuts
     from django.template.response import SimpleTemplateResponse
 
-    return {shortcuts.render.__code__, SimpleTemplateResponse.rendered_content.fget.__code__}
+    from parallel_render import worker
+
+    # A worker's rendering of a block is a root too: it stitches the blocks nested in it.
+    return {shortcuts.render.__code__, SimpleTemplateResponse.rendered_content.fget.__code__, worker.render_job.__code__}
 
 
 _RENDER_ANNOTATED = Node.render_annotated.__code__
