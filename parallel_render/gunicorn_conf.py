@@ -21,3 +21,6 @@ threads = 4
 # SIGTERM lets masters finish their pages for this long before the workers and router stop.
 graceful_timeout = 30
 timeout = 60
+# Newer gunicorns open a control socket at one fixed path per user, which two nodes on one
+# machine (or a test beside a running node) would fight over.
+control_socket_disable = True

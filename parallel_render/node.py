@@ -132,6 +132,7 @@ class NodeSupervisor:
         self._roll: list[int] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.draining = False  # the masters are stopping: restart nothing
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ class NodeSupervisor:
         self._retire(now)
 
     def _keep_router(self, now: float) -> None:
-        if self.router is not None and self.router.poll() is None:
+        if self.draining or (self.router is not None and self.router.poll() is None):
             return
         if now < self._router_retry_at:
             return
@@ -271,6 +272,8 @@ class NodeSupervisor:
         w.retire_by = time.monotonic() + READY_WAIT
 
     def _fill(self, now: float) -> None:
+        if self.draining:
+            return
         staffed = {w.slot for w in self.workers if not w.retiring}
         for slot in range(self.layout.workers):
             if slot not in staffed and now >= self._slot_retry_at.get(slot, 0.0):
@@ -294,7 +297,9 @@ class NodeSupervisor:
         os.utime(heartbeat, (0, 0))  # "not connected yet"
         proc = subprocess.Popen(
             worker_command(self.address, self.max_jobs), env={**self.env, HEARTBEAT_ENV: heartbeat},
-            stdin=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C reaches the arbiter, which stops the masters
+            # first and then the workers, so pages in flight still get their fragments.
+            stdin=subprocess.DEVNULL, start_new_session=True,
         )
         apply_affinity(proc.pid, self.layout.for_worker(slot))
         self.workers.append(_Worker(proc, slot, heartbeat))
@@ -369,6 +374,7 @@ def on_starting(server: Any) -> None:
     _node = NodeSupervisor(layout, options).start()
     os.environ[conf.ENV_ROUTER] = _node.address
     conf.get_config.cache_clear()
+    _watch_stop(server, _node)
     for line in layout.describe().splitlines():
         server.log.info("parallel_render: %s", line)
     server.log.info("parallel_render: fastrouter at %s (pid %d), workers %s",
@@ -403,6 +409,17 @@ def on_exit(server: Any) -> None:
     if _node is not None:
         _node.stop()
         _node = None
+
+
+def _watch_stop(server: Any, supervisor: NodeSupervisor) -> None:
+    """gunicorn has no hook for "stopping": wrap Arbiter.stop so nothing restarts while masters drain."""
+    original = server.stop
+
+    def stop(*args: Any, **kwargs: Any) -> None:
+        supervisor.draining = True
+        original(*args, **kwargs)
+
+    server.stop = stop
 
 
 def _ensure_django(server: Any) -> None:
