@@ -16,6 +16,10 @@ DEFAULTS: dict[str, Any] = {
     "WORKERS": None,
     # Default seconds a fragment may take before the master renders it itself.
     "TIMEOUT": 10.0,
+    # A block whose renders have averaged less than this many ms renders inline: sending it
+    # would cost more than it saves. Its cost is still measured, so a block that grows
+    # slower goes back to the workers. 0 sends every block.
+    "MIN_BLOCK_MS": 1.0,
     # unix:///path or tcp://host:port; None lets runserver start its own router.
     "ROUTER": None,
     # A query parameter that makes a request render serially (e.g. "serial"); None disables.
@@ -59,6 +63,11 @@ def get_config() -> dict[str, Any]:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ImproperlyConfigured(
             f"PARALLEL_RENDER['TIMEOUT'] must be a positive number of seconds, not {timeout!r}."
+        )
+    threshold = config["MIN_BLOCK_MS"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+        raise ImproperlyConfigured(
+            f"PARALLEL_RENDER['MIN_BLOCK_MS'] must be a number of milliseconds >= 0, not {threshold!r}."
         )
     workers = config["WORKERS"]
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):

@@ -88,6 +88,7 @@ def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
         result, why, kind = _result(f, answer)
         if result is not None:
             html[f.index] = result["html"]
+            f.node.observe(result["ms"])
             nested = f" +{result['nested']} nested" if result.get("nested") else ""
             timings.append(
                 f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'

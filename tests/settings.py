@@ -71,7 +71,8 @@ elif _cache.startswith("redis://"):
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 STATIC_URL = "/static/"
-PARALLEL_RENDER = {"TIMEOUT": 5.0, "WORKERS": 2}
+# MIN_BLOCK_MS 0: every block goes to a worker, however cheap, so the tests exercise them.
+PARALLEL_RENDER = {"TIMEOUT": 5.0, "WORKERS": 2, "MIN_BLOCK_MS": 0}
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -86,3 +86,9 @@ def question_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "next_q": next_q,
     }
     return render(request, "qa/question.html", context)
+
+
+def trivial(request: HttpRequest) -> HttpResponse:
+    """N trivial blocks: measures what the plugin costs when blocks do no work at all."""
+    n = max(1, min(int(request.GET.get("n", "20") or 20), 500))
+    return render(request, "qa/trivial.html", {"rows": [{"i": i, "label": f"row {i}"} for i in range(n)]})

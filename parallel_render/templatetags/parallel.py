@@ -56,6 +56,11 @@ class ParallelNode(Node):
         self.line = line
         self._analysis: analysis.Analysis | None = None
         self._logged: set[str] = set()
+        # Moving average of what rendering this block costs, in ms (None until measured).
+        self.cost_ms: float | None = None
+
+    def observe(self, ms: float) -> None:
+        self.cost_ms = ms if self.cost_ms is None else self.cost_ms * 0.8 + ms * 0.2
 
     def __repr__(self) -> str:
         return f"<ParallelNode {self.label}>"
@@ -70,6 +75,14 @@ class ParallelNode(Node):
         current = session.current()
         if current is None:
             return self.render_inline(context)
+        threshold = conf.get_config()["MIN_BLOCK_MS"]
+        if threshold and self.cost_ms is not None and self.cost_ms < threshold:
+            # Cheaper to render here than to send: keep measuring, in case it grows.
+            started = time.perf_counter()
+            html = self.render_inline(context)
+            self.observe((time.perf_counter() - started) * 1000)
+            current.inline.append((self.label, "cheap"))
+            return html
         reason = self.reason_inline(context, sys._getframe(1))
         if reason is not None:
             return self._inline_because(current, context, reason)
