@@ -148,3 +148,10 @@ def test_blocks_that_cannot_be_sent_render_inline_and_say_why(parallel, caplog):
 def test_render_to_string_outside_a_response_stays_inline(parallel):
     response = Client().get("/json/?title=J")
     assert response.json() == {"html": "inner J\n"}
+
+
+def test_content_length_is_fixed_after_stitching(parallel):
+    response = Client().get("/p/leak/?marker=a-much-longer-marker-than-the-placeholder&n=3&content_length=1")
+    assert block_pids(response)
+    assert int(response.headers["Content-Length"]) == len(response.content)
+    assert b"<!--pr:" not in response.content

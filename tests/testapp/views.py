@@ -34,7 +34,10 @@ def page(request, name):
         ctx["first_author"] = Author.objects.first()
     if request.GET.get("unsendable"):
         ctx["thing"] = object()
-    return render(request, f"t/{name}.html", ctx)
+    response = render(request, f"t/{name}.html", ctx)
+    if request.GET.get("content_length"):
+        response["Content-Length"] = str(len(response.content))  # as a middleware inside ours might
+    return response
 
 
 def page_tr(request, name):
