@@ -11,6 +11,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v cmake >/dev/null || need+=(cmake)
 command -v g++ >/dev/null || need+=(g++)
+command -v chromium >/dev/null || need+=(chromium)
 if ((${#need[@]})); then
   echo "== installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
