@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
-from parallel_render import conf
-from parallel_render.cluster import LocalCluster
+from parallel_render.testing import parallel_workers
 
 
 @pytest.fixture(scope="session")
 def cluster(django_db_setup, django_db_blocker):
-    """A router and two workers that use the test database (a file, so they can open it)."""
-    from django.conf import settings
-
-    db_name = settings.DATABASES["default"]["NAME"]
-    with LocalCluster(2, env={"PR_TEST_DB": str(db_name), "PR_ROLE": "worker"}) as running:
-        running.wait_ready()
-        os.environ[conf.ENV_ROUTER] = running.address
-        conf.get_config.cache_clear()
-        try:
-            yield running
-        finally:
-            del os.environ[conf.ENV_ROUTER]
-            conf.get_config.cache_clear()
+    """A router and two workers on the test database, as a site's own suite would start them."""
+    with parallel_workers(2, env={"PR_ROLE": "worker"}) as running:
+        yield running
 
 
 @pytest.fixture
@@ -47,3 +35,32 @@ def block_pids(response) -> list[int]:
 def rescued(response) -> list[str]:
     header = response.headers.get("Server-Timing", "")
     return re.findall(r'desc="[^"]* master render [\d.]+ms: ([^"]*)"', header)
+
+
+def run_concurrently(fetch, clients: int = 20, rounds: int = 3, n: int = 6) -> list[str]:
+    """Fetch /p/leak/ from many threads at once; return the pages that are not exactly their own.
+
+    fetch(path) returns (body, server_timing). Each request carries a unique marker; its page
+    must show that marker n + 1 times and no other request's.
+    """
+    import threading
+
+    bad: list[str] = []
+    pids: set[int] = set()
+
+    def one(client: int) -> None:
+        for round_ in range(rounds):
+            marker = f"c{client}r{round_}x"
+            body, timing = fetch(f"/p/leak/?marker={marker}&n={n}&title={marker}")
+            pids.update(int(pid) for pid in re.findall(r" pid (\d+)", timing))
+            expected = "".join(f"<i>{marker}-{i}</i>" for i in range(n))
+            if expected not in body or f"title {marker}" not in body or len(re.findall(r"c\d+r\d+x", body)) != n + 1:
+                bad.append(body)
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    run_concurrently.pids = pids  # type: ignore[attr-defined]
+    return bad

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from django.test import Client, override_settings
 
-from tests.conftest import block_pids, rescued
+from tests.conftest import block_pids, rescued, run_concurrently
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,27 +52,12 @@ def gunicorn(parallel):
 
 
 def test_twenty_concurrent_http_requests_get_only_their_own_fragments(gunicorn):
-    errors: list[str] = []
-    pids: set[int] = set()
+    def fetch(path):
+        with urllib.request.urlopen(gunicorn + path, timeout=30) as r:
+            return r.read().decode(), r.headers["Server-Timing"] or ""
 
-    def one(n: int) -> None:
-        for round_ in range(3):
-            marker = f"u{n}x{round_}"
-            with urllib.request.urlopen(f"{gunicorn}/p/leak/?marker={marker}&n=8&title={marker}", timeout=30) as r:
-                body = r.read().decode()
-                timing = r.headers["Server-Timing"] or ""
-            pids.update(int(p) for p in re.findall(r"pid (\d+)", timing))
-            expected = "".join(f"<i>{marker}-{i}</i>" for i in range(8))
-            if expected not in body or f"title {marker}" not in body or len(re.findall(r"u\d+x\d", body)) != 9:
-                errors.append(body)
-
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:2]
-    assert pids and not (pids - set(_worker_pids()))
+    assert not run_concurrently(fetch, n=8)[:2]
+    assert run_concurrently.pids and not (run_concurrently.pids - set(_worker_pids()))
 
 
 def _worker_pids() -> list[int]:

@@ -17,7 +17,7 @@ def read_frame(sock):
         chunk = sock.recv(24 - len(head))
         assert chunk, "connection closed"
         head += chunk
-    _m, _v, type_, flags, _r, job_id, timeout_ms, length = HEADER.unpack(head)
+    _m, _v, type_, flags, _r, job_id, _timeout_ms, length = HEADER.unpack(head)
     payload = b""
     while len(payload) < length:
         payload += sock.recv(length - len(payload))
