@@ -12,7 +12,7 @@ from typing import Any
 from django.template import Node, NodeList
 from django.template.base import FilterExpression, Token, TokenType, Variable
 from django.template.library import InclusionNode, SimpleNode
-from django.template.loader_tags import BlockNode, IncludeNode
+from django.template.loader_tags import BlockNode, ExtendsNode, IncludeNode
 from django.utils.module_loading import import_string
 
 # Attributes under which Django's tags keep the name of a variable they assign with `as`.
@@ -83,6 +83,9 @@ class _Walker:
         self.engine = engine
         self.transparent = transparent
         self.seen_templates: set[str] = set()
+        # Inside a template the block includes, {% block %}s belong to that template's own
+        # inheritance, which the worker renders whole; they are no reason to stay inline.
+        self.in_include = 0
 
     def reason(self, text: str) -> None:
         if text not in self.result.reasons:
@@ -99,8 +102,10 @@ class _Walker:
         path = class_path(node)
         if name in STATEFUL_TAGS and path.startswith("django."):
             self.reason(STATEFUL_TAGS[name])
-        if isinstance(node, BlockNode):
+        if isinstance(node, BlockNode) and not self.in_include:
             self.reason("contains {% block %}, which template inheritance may replace")
+        if isinstance(node, ExtendsNode):
+            self.extends(node)
         if name == "CsrfTokenNode" or isinstance(node, InclusionNode):
             self.result.names.add("csrf_token")
         known = path.startswith(_DJANGO_MODULES) or path.startswith("parallel_render.") or path in self.transparent
@@ -148,7 +153,31 @@ class _Walker:
         except Exception as exc:  # the serial page would fail the same way; let it, inline
             self.reason(f"{{% include {name!r} %}} cannot be loaded: {exc}")
             return
-        self.walk_lists([template.nodelist], pushed=True)
+        self.walk_template(template)
+
+    def walk_template(self, template: Any) -> None:
+        self.in_include += 1
+        try:
+            self.walk_lists([template.nodelist], pushed=True)
+        finally:
+            self.in_include -= 1
+
+    def extends(self, node: ExtendsNode) -> None:
+        """An included template that extends another: the parent's variables are read too."""
+        fe = node.parent_name
+        if not isinstance(fe, FilterExpression) or isinstance(fe.var, Variable) or fe.filters:
+            self.reason("an included template extends a template chosen at run time")
+            return
+        name = str(fe.var)
+        if name in self.seen_templates:
+            return
+        self.seen_templates.add(name)
+        try:
+            template = self.engine.get_template(name)
+        except Exception as exc:
+            self.reason(f"{{% extends {name!r} %}} cannot be loaded: {exc}")
+            return
+        self.walk_template(template)
 
     def value(self, value: Any, pushed: bool, depth: int) -> None:
         if depth > 6:

@@ -119,3 +119,10 @@ def test_errors_surface_as_in_serial_rendering(parallel, settings, debug):
     if debug:
         # The technical 500 page shows the template frame, as for a serial render.
         assert b"t/error.html" in response.content and b"boom" in response.content
+
+
+def test_included_template_that_extends_sends_what_its_parent_reads(parallel):
+    # _card.html extends _card_base.html, which reads `title` and `marker`.
+    response = same("/p/include_extends/?n=3&title=T&marker=M")
+    assert len(block_pids(response)) == 3 and not rescued(response)
+    assert response.content.decode().count("T|item") == 3 and "|M</div>" in response.content.decode()
