@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core import signals
 from django.template import TemplateDoesNotExist
 
-from parallel_render import codec, fragments, session, signing
+from parallel_render import codec, conf, fragments, session, signing
 from parallel_render import protocol as p
 from parallel_render.client import RouterClient, connect
 from parallel_render.process import die_with_parent
@@ -155,7 +155,15 @@ class Worker:
         result["n"] = nonce
         result["pid"] = os.getpid()
         result["ms"] = (time.perf_counter() - started) * 1000
-        return signing.sign(orjson.dumps(result))
+        body = signing.sign(orjson.dumps(result))
+        limit = min(conf.get_config()["MAX_PAYLOAD"], p.MAX_FRAME)
+        if len(body) > limit:
+            # The router would refuse the frame (and drop this connection): say so instead,
+            # and let the master render the block.
+            too_big = {"ok": False, "master_only": True, "n": nonce, "pid": os.getpid(), "ms": result["ms"],
+                       "error": f"result of {len(body)} bytes exceeds MAX_PAYLOAD ({limit})"}
+            body = signing.sign(orjson.dumps(too_big))
+        return body
 
 
 def render_job(job: dict[str, Any], nested: RouterClient | None = None, deadline: float | None = None) -> tuple[str, int]:

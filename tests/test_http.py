@@ -110,3 +110,26 @@ def test_fastrouter_command_runs_the_router(tmp_path):
         proc.terminate()
         proc.wait(5)
     assert not sock.exists()
+
+
+def test_result_larger_than_max_payload_is_rendered_by_the_master(transactional_db, monkeypatch):
+    from parallel_render import conf
+    from parallel_render.cluster import LocalCluster
+
+    # The job is small; the HTML the worker makes is not.
+    with LocalCluster(1, env={"PR_TEST_DB": _db_name()}, worker_args=["--settings", "tests.settings_small"]) as c:
+        c.wait_ready()
+        monkeypatch.setenv(conf.ENV_ROUTER, c.address)
+        conf.get_config.cache_clear()
+        title = "x" * 200
+        serial = Client().get(f"/p/bigresult/?title={title}", HTTP_X_PARALLEL_RENDER="serial")
+        response = Client().get(f"/p/bigresult/?title={title}")
+    conf.get_config.cache_clear()
+    assert response.content == serial.content
+    assert rescued(response) and "exceeds MAX_PAYLOAD (4000)" in rescued(response)[0]
+
+
+def _db_name() -> str:
+    from django.conf import settings
+
+    return str(settings.DATABASES["default"]["NAME"])
