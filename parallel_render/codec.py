@@ -184,6 +184,16 @@ class Encoder:
 
     def _queryset(self, qs: QuerySet, path: str) -> Any:
         label = qs.model._meta.label_lower
+        if isinstance(qs, RemoteQuerySet) and qs._result_cache is None:
+            # A worker passing on what it was sent (a nested block): the same SQL again.
+            sql, params, prefetch = qs._remote
+            return {
+                "$qs": label,
+                "db": qs.db,
+                "sql": sql,
+                "params": [self.encode(v, f"{path}.query.params") for v in params],
+                "prefetch": list(prefetch),
+            }
         if qs._result_cache is None and _can_run_remotely(qs):
             from django.core.exceptions import EmptyResultSet
 
@@ -206,6 +216,9 @@ class Encoder:
         meta = {k: request.META[k] for k in REQUEST_META_KEYS if isinstance(request.META.get(k), str)}
         out: dict[str, Any] = {
             "$req": 1,
+            # What the master's request had, so the rebuilt one can tell "not sent" (fail the
+            # block) from "never there" (AttributeError, as on the master).
+            "has": sorted(k for k in vars(request) if not k.startswith("_")),
             "method": request.method,
             "path": request.path,
             "path_info": request.path_info,
@@ -351,6 +364,7 @@ class Decoder:
 
     def _request(self, data: dict) -> HttpRequest:
         request = RemoteRequest()
+        request._master_attrs = frozenset(data.get("has", ()))
         request.method = data["method"]
         request.path = data["path"]
         request.path_info = data["path_info"]
@@ -454,8 +468,10 @@ class RemoteRequest(HttpRequest):
     def _get_scheme(self) -> str:
         return self._remote_scheme
 
+    _master_attrs: frozenset[str] = frozenset()
+
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("_") or name not in self._master_attrs:
             raise AttributeError(name)
         raise RemoteAttributeError(
             f"request.{name} was not sent to the worker; this block must render in the master"

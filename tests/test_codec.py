@@ -99,6 +99,9 @@ def test_querysets_run_in_the_worker_or_travel_evaluated(django_assert_num_queri
     with django_assert_num_queries(0):
         assert [a.author.name for a in trip(evaluated)] == ["Ann"] * 3
     assert list(trip(Article.objects.none())) == []
+    # A worker passing a queryset it was sent on to a nested block sends the same query.
+    with django_assert_num_queries(1):
+        assert trip(trip(Article.objects.filter(price__gte=1))).count() == 2
     assert list(trip(Article.objects.values_list("title", flat=True))) == ["A0", "A1", "A2"]
 
 
@@ -109,8 +112,14 @@ def test_request_and_user():
     assert rebuilt.path == "/a/b/" and rebuilt.GET.getlist("x") == ["1", "2"]
     assert rebuilt.headers["User-Agent"] == "ua" and rebuilt.user.is_anonymous
     assert rebuilt.get_full_path() == "/a/b/?x=1&x=2&y=3"
+    # What the master's request never had is an AttributeError there too (URLNode relies on it).
+    with pytest.raises(AttributeError):
+        rebuilt.current_app  # noqa: B018
+    from django.contrib.sessions.backends.signed_cookies import SessionStore
+
+    request.session = SessionStore()  # the master has one, not loaded: not sent
     with pytest.raises(RemoteAttributeError):
-        rebuilt.session  # noqa: B018
+        trip(request).session  # noqa: B018
 
 
 class Money:

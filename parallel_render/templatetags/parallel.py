@@ -158,7 +158,9 @@ class ParallelNode(Node):
         if self.fallback is not None and use_fallback:
             logger.warning("block %s: %s; rendering its {%% fallback %%}", self.label, why)
             return render_captured(self, pending.template, pending.values, pending.env, fallback=True)
-        logger.warning("block %s: %s; rendering it in the master", self.label, why)
+        # A block nobody rendered (no idle worker for a nested block, a full queue) is routine.
+        log = logger.warning if kind != "not rendered" else logger.info
+        log("block %s: %s; rendering it here", self.label, why)
         return render_captured(self, pending.template, pending.values, pending.env)
 
     def resolve_timeout(self, context: Context) -> float:
