@@ -323,6 +323,8 @@ class Decoder:
             return self._queryset(data)
         if tag == "$req":
             return self._request(data)
+        if tag == "$proc":
+            return ProcessorValue(first)
         if tag == "$x":
             return custom_codecs_by_tag()[first].decode(data["v"])
         if tag == "$anon":
@@ -410,6 +412,34 @@ def _tz_from(value: Any) -> datetime.tzinfo:
 
         return zoneinfo.ZoneInfo(value)
     return datetime.timezone(datetime.timedelta(seconds=value["offset"]), value["name"])
+
+
+class ProcessorValue:
+    """Stands for a value the worker's own context processors make from the rebuilt request."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def run_worker_processors(request: HttpRequest, values: dict[str, Any]) -> dict[str, Any]:
+    """Replace ProcessorValue placeholders by running PARALLEL_RENDER['WORKER_CONTEXT_PROCESSORS']."""
+    from django.utils.module_loading import import_string
+
+    from parallel_render import conf
+
+    made: dict[str, Any] = {}
+    for dotted in conf.get_config()["WORKER_CONTEXT_PROCESSORS"]:
+        made.update(import_string(dotted)(request))
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, ProcessorValue):
+            if name not in made:
+                raise RemoteAttributeError(
+                    f"{name} comes from a context processor this worker's WORKER_CONTEXT_PROCESSORS do not run"
+                )
+            value = made[name]
+        out[name] = value
+    return out
 
 
 class RemoteSession(dict):

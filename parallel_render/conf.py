@@ -33,6 +33,10 @@ DEFAULTS: dict[str, Any] = {
     # Dotted paths of custom template Node classes that only read the variables they
     # were given (FilterExpressions on the node), so blocks containing them can be sent.
     "TRANSPARENT_TAGS": [],
+    # Context processors a worker may run again on the rebuilt request, for values they make
+    # that cannot be sent (e.g. an object of the site's own). Only list processors whose
+    # output depends on nothing but what the request carries.
+    "WORKER_CONTEXT_PROCESSORS": [],
     # Dotted paths of parallel_render.codec.ValueCodec subclasses for the site's own types.
     "VALUE_CODECS": [],
     # Path of the fastrouter binary; None finds the one installed with the package.

@@ -181,6 +181,8 @@ def render_job(job: dict[str, Any], nested: RouterClient | None = None, deadline
     node = fragments.find_node(template, job["o"], job["h"])
     decoder = codec.Decoder()
     values = {name: decoder.decode(value) for name, value in job["c"].items()}
+    if "req" in job:
+        values = codec.run_worker_processors(decoder.decode(job["req"]), values)
     if nested is None:
         return fragments.render_captured(node, template, values, job["env"]), 0
     current = session.RenderSession(None, nested, nested=True, deadline=deadline)

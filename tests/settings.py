@@ -46,6 +46,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "tests.testapp.context_processors.site_info",
             ],
         },
     }
@@ -72,7 +73,12 @@ elif _cache.startswith("redis://"):
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 STATIC_URL = "/static/"
 # MIN_BLOCK_MS 0: every block goes to a worker, however cheap, so the tests exercise them.
-PARALLEL_RENDER = {"TIMEOUT": 5.0, "WORKERS": 2, "MIN_BLOCK_MS": 0}
+PARALLEL_RENDER = {
+    "TIMEOUT": 5.0,
+    "WORKERS": 2,
+    "MIN_BLOCK_MS": 0,
+    "WORKER_CONTEXT_PROCESSORS": ["tests.testapp.context_processors.site_info"],
+}
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

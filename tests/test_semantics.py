@@ -126,3 +126,16 @@ def test_included_template_that_extends_sends_what_its_parent_reads(parallel):
     response = same("/p/include_extends/?n=3&title=T&marker=M")
     assert len(block_pids(response)) == 3 and not rescued(response)
     assert response.content.decode().count("T|item") == 3 and "|M</div>" in response.content.decode()
+
+
+def test_declared_context_processors_run_again_in_the_worker(parallel, settings, caplog):
+    response = same("/p/processors/")
+    assert "[site for /p/processors/ (" in response.content.decode()
+    # site_info is made again by the worker; `messages` is not declared, so its block stays here.
+    assert len(block_pids(response)) == 1
+    fresh_templates()
+    caplog.set_level("INFO", logger="parallel_render")
+    settings.PARALLEL_RENDER = {**settings.PARALLEL_RENDER, "WORKER_CONTEXT_PROCESSORS": []}
+    response = same("/p/processors/")
+    assert not block_pids(response)
+    assert "site_info is a tests.testapp.context_processors.SiteInfo" in caplog.text

@@ -97,12 +97,11 @@ class ParallelNode(Node):
         index = len(current.fragments)
         nonce = f"{current.token}:{index}"
         try:
-            encoder = codec.Encoder()
-            encoded = {name: encoder.encode(value, name) for name, value in values.items()}
-            body = orjson.dumps(
-                {"v": 1, "e": alias, "t": self.template_name, "o": self.ordinal, "h": self.digest,
-                 "n": nonce, "c": encoded, "env": env}
-            )
+            job = {"v": 1, "e": alias, "t": self.template_name, "o": self.ordinal, "h": self.digest,
+                   "n": nonce, "c": encode_values(context, values), "env": env}
+            if any(type(v) is dict and "$proc" in v for v in job["c"].values()):
+                job["req"] = codec.Encoder().encode(context.request, "request")
+            body = orjson.dumps(job)
         except codec.Unsendable as exc:
             return self._inline_because(current, context, str(exc))
         except (TypeError, orjson.JSONEncodeError) as exc:
@@ -211,6 +210,23 @@ class ParallelNode(Node):
                 pass
         values.update(extra)
         return values
+
+
+def encode_values(context: Context, values: dict[str, Any]) -> dict[str, Any]:
+    """Encode what a block reads. A value that cannot be sent but comes from a context processor
+    listed in WORKER_CONTEXT_PROCESSORS is made again by that processor in the worker."""
+    encoder = codec.Encoder()
+    rerun = conf.get_config()["WORKER_CONTEXT_PROCESSORS"]
+    made_by_processors = context.dicts[context._processors_index] if hasattr(context, "_processors_index") else {}
+    encoded = {}
+    for name, value in values.items():
+        try:
+            encoded[name] = encoder.encode(value, name)
+        except codec.Unsendable:
+            if not (rerun and name in made_by_processors and made_by_processors[name] is value):
+                raise
+            encoded[name] = {"$proc": name}
+    return encoded
 
 
 def enclosure_reason(node: ParallelNode, frame: Any) -> str | None:
