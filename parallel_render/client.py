@@ -16,6 +16,7 @@ import time
 from typing import NamedTuple
 
 from parallel_render import protocol as p
+from parallel_render import signing
 
 logger = logging.getLogger("parallel_render")
 
@@ -88,7 +89,7 @@ class RouterClient:
         try:
             sock = connect(self.address)
             sock.settimeout(None)
-            sock.sendall(p.encode(p.HELLO, payload=bytes([p.ROLE_MASTER])))
+            sock.sendall(p.encode(p.HELLO, payload=signing.hello_payload(p.ROLE_MASTER, self.address.scheme)))
         except OSError as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
             self._retry_at = now + self._backoff
@@ -231,6 +232,8 @@ class RouterClient:
 
         sock = connect(self.address, timeout)
         try:
+            if self.address.scheme == "tcp":  # an authenticated listener wants HELLO first
+                sock.sendall(p.encode(p.HELLO, payload=signing.hello_payload(p.ROLE_MASTER, "tcp")))
             sock.sendall(p.encode(p.STATS, 1))
             reader = p.FrameReader()
             end = time.monotonic() + timeout

@@ -32,7 +32,15 @@ def start_router(address: str, binary: str | None = None, args: Sequence[str] = 
     """Start a fastrouter and wait for its READY line; return the process and its real address."""
     binary = binary or conf.fastrouter_binary()
     cmd = [binary, "--listen", address, "--parent-pid", str(os.getpid()), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    token_dir = None
+    if address.startswith("tcp://") and "--auth-token-file" not in args:
+        from parallel_render import signing
+
+        token_dir = private_socket_dir()
+        cmd += ["--auth-token-file", signing.write_token_file(token_dir)]
+    # Its own session: a Ctrl-C meant for the terminal's foreground group must not stop the
+    # router before the masters finish their pages; it stops when we say so, or dies with us.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
     assert proc.stdout is not None
     end = time.monotonic() + timeout
     line = b""
@@ -44,6 +52,8 @@ def start_router(address: str, binary: str | None = None, args: Sequence[str] = 
         if not chunk:
             break
         line += chunk
+    if token_dir is not None:
+        shutil.rmtree(token_dir, ignore_errors=True)  # read once, at start-up
     if not line.startswith(b"READY "):
         proc.kill()
         proc.wait()

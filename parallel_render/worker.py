@@ -97,7 +97,8 @@ class Worker:
 
     def _serve(self, sock: socket.socket) -> None:
         sock.settimeout(1.0)
-        sock.sendall(p.encode(p.HELLO, payload=bytes([p.ROLE_WORKER])) + p.encode(p.READY))
+        hello = p.encode(p.HELLO, payload=signing.hello_payload(p.ROLE_WORKER, self.address.scheme))
+        sock.sendall(hello + p.encode(p.READY))
         self.beat(force=True)
         reader = p.FrameReader()
         while not self.stopping:

@@ -21,4 +21,11 @@ class Command(BaseCommand):
         if not address:
             raise CommandError("No address: pass --listen or set PARALLEL_RENDER['ROUTER'].")
         binary = conf.fastrouter_binary()
-        os.execv(binary, [binary, "--listen", address, *options["extra"]])
+        extra = list(options["extra"])
+        if address.startswith("tcp://") and "--auth-token-file" not in extra:
+            # Masters and workers of this site send a token derived from SECRET_KEY.
+            from parallel_render.cluster import private_socket_dir
+            from parallel_render.signing import write_token_file
+
+            extra += ["--auth-token-file", write_token_file(private_socket_dir())]
+        os.execv(binary, [binary, "--listen", address, *extra])
