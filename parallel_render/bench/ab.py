@@ -66,7 +66,7 @@ class WorkerMachine:
         try:
             return self._launch(f"tcp://{self.ns_ip}:0", ["ip", "netns", "exec", self.ns])
         except RuntimeError as exc:
-            # e.g. a router that refuses a non-loopback address without a token the client cannot send yet
+            # e.g. a namespace without routing to it: measure what can be measured, and say so
             self._remove_namespace()
             return self._start_loopback(str(exc).splitlines()[-1])
 
