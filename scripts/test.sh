@@ -41,7 +41,9 @@ PARALLEL_RENDER_FASTROUTER="$PWD/build/fastrouter-tsan/fastrouter" TSAN_OPTIONS=
 
 echo "== fastrouter: libFuzzer on the frame parser and routing core (${FASTROUTER_FUZZ_SECONDS:-20} s; set FASTROUTER_FUZZ_SECONDS for longer)"
 if ! command -v clang++ >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-rt-14-dev >/dev/null 2>&1 || true
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq clang libclang-rt-14-dev >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq clang libclang-rt-14-dev >/dev/null 2>&1; } || true
 fi
 if command -v clang++ >/dev/null; then
   cmake -S fastrouter -B build/fastrouter-fuzz -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ \
