@@ -267,6 +267,17 @@ def test_sigterm_drains_pages_in_flight_and_leaves_nothing_behind(node):
     assert node.survivors() == []
 
 
+def test_sync_masters_serve_pages_rendered_by_workers(test_db):
+    running = NodeProcess("--masters", "1", "--workers", "2", "--worker-class", "sync", db=test_db).wait_serving()
+    try:
+        status, body = running.get()
+        assert good_page(status, body)
+        assert wait_for(running.worker_rendered, 10, 0.2)
+    finally:
+        running.stop(signal.SIGTERM)
+    assert running.survivors() == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_no_orphans_when_the_node_is_interrupted_or_killed(test_db, sig):
     running = NodeProcess("--masters", "1", "--workers", "2", db=test_db).wait_serving()
