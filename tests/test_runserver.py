@@ -143,3 +143,15 @@ def test_startup_line_names_router_and_workers(runserver, transactional_db):
     os.killpg(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=10)[0].decode()
     assert re.search(r"parallel_render: fastrouter at unix://\S+ \(pid \d+\), 2 workers", out), out
+
+
+def test_parser_keeps_the_next_runserver_options_and_adds_noparallel():
+    from django.contrib.staticfiles.management.commands.runserver import Command as StaticRunserver
+
+    from parallel_render.management.commands.runserver import Command
+
+    assert issubclass(Command, StaticRunserver)  # the app after ours in INSTALLED_APPS
+    parser = Command().create_parser("manage.py", "runserver")
+    assert "--noparallel" in parser.format_help() and "--nostatic" in parser.format_help()
+    assert parser.parse_args(["--noparallel"]).use_parallel is False
+    assert parser.parse_args([]).use_parallel is True
