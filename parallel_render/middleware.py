@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponse
 
 from parallel_render import conf, session, signing
@@ -23,17 +24,20 @@ GRACE = 0.25
 
 class ParallelRenderMiddleware:
     sync_capable = True
-    async_capable = False
+    async_capable = True
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
         self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
 
-    def __call__(self, request: HttpRequest) -> HttpResponse:
-        config = conf.get_config()
-        if not config["ENABLED"] or not config["ROUTER"] or self.wants_serial(request, config):
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        current = self.session_for(request)
+        if current is None:
             return self.get_response(request)
-        client = get_client(config["ROUTER"], config["MAX_PAYLOAD"])
-        current = session.RenderSession(request, client)
         token = session.activate(current)
         try:
             response = self.get_response(request)
@@ -42,6 +46,28 @@ class ParallelRenderMiddleware:
         if current.fragments:
             stitch(current, response)
         return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        current = self.session_for(request)
+        if current is None:
+            return await self.get_response(request)
+        # The session travels in a context variable, which asgiref copies into the thread
+        # where a sync view (or a TemplateResponse) renders.
+        token = session.activate(current)
+        try:
+            response = await self.get_response(request)
+        finally:
+            session.deactivate(token)
+        if current.fragments:
+            # Waiting for the workers blocks; keep it off the event loop.
+            await sync_to_async(stitch, thread_sensitive=False)(current, response)
+        return response
+
+    def session_for(self, request: HttpRequest) -> session.RenderSession | None:
+        config = conf.get_config()
+        if not config["ENABLED"] or not config["ROUTER"] or self.wants_serial(request, config):
+            return None
+        return session.RenderSession(request, get_client(config["ROUTER"], config["MAX_PAYLOAD"]))
 
     @staticmethod
     def wants_serial(request: HttpRequest, config: dict[str, Any]) -> bool:

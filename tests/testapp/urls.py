@@ -3,6 +3,7 @@ from django.urls import path
 from tests.testapp import views
 
 urlpatterns = [
+    path("async/<str:name>/", views.async_page, name="async_page"),
     path("from_string/", views.from_string, name="from_string"),
     path("gen/<str:name>", views.generated, name="generated"),
     path("form/", views.form_view, name="form"),

@@ -73,3 +73,8 @@ def from_string(request):
 
     template = engines["django"].from_string("{% load parallel %}{% parallel %}inline from string{% endparallel %}")
     return TemplateResponse(request, template, {})
+
+
+async def async_page(request, name):
+    """An async view: renders in the event loop's thread, stitched by the async middleware."""
+    return render(request, f"t/{name}.html", common_context(request))
