@@ -18,6 +18,10 @@ class Command(BaseCommand):
         parser.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
         parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
         parser.add_argument(
+            "--heartbeat", metavar="PATH", default=None,
+            help="touch this file while alive, so a supervisor can tell a stuck worker",
+        )
+        parser.add_argument(
             "--db-name", action="append", default=[], metavar="ALIAS=NAME",
             help="use database NAME for ALIAS (test runs point workers at the test database)",
         )
@@ -33,4 +37,4 @@ class Command(BaseCommand):
             connections[alias].close()
             connections[alias].settings_dict["NAME"] = name
         max_jobs = options["max_jobs"] or conf.get_config()["WORKER_MAX_JOBS"]
-        Worker(address, max_jobs=max_jobs, parent_pid=options["parent_pid"]).run()
+        Worker(address, max_jobs=max_jobs, parent_pid=options["parent_pid"], heartbeat=options["heartbeat"]).run()
