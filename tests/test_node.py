@@ -267,6 +267,23 @@ def test_sigterm_drains_pages_in_flight_and_leaves_nothing_behind(node):
     assert node.survivors() == []
 
 
+@pytest.mark.parametrize("limit", [["--max-jobs", "3"], ["--max-memory", "1"]], ids=["max-jobs", "max-memory"])
+def test_workers_are_recycled_without_failing_a_page(test_db, limit):
+    running = NodeProcess("--masters", "1", "--workers", "2", *limit, db=test_db).wait_serving()
+    try:
+        seen: set[int] = set(running.workers())
+        for _ in range(12):
+            status, body = running.get()
+            assert good_page(status, body)
+            seen.update(running.workers())
+            time.sleep(0.1)
+        # Every page was whole, and the workers it started with were replaced along the way.
+        assert len(seen) > 2, seen
+    finally:
+        running.stop(signal.SIGTERM)
+    assert running.survivors() == []
+
+
 def test_sync_masters_serve_pages_rendered_by_workers(test_db):
     running = NodeProcess("--masters", "1", "--workers", "2", "--worker-class", "sync", db=test_db).wait_serving()
     try:
