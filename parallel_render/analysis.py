@@ -144,18 +144,18 @@ class _Walker:
             return
         if node.isolated_context:
             return
-        name = str(fe.var)
+        self.follow("include", str(fe.var))
+
+    def follow(self, tag: str, name: str) -> None:
+        """Walk a template the block will render too, once."""
         if name in self.seen_templates:
             return
         self.seen_templates.add(name)
         try:
             template = self.engine.get_template(name)
         except Exception as exc:  # the serial page would fail the same way; let it, inline
-            self.reason(f"{{% include {name!r} %}} cannot be loaded: {exc}")
+            self.reason(f"{{% {tag} {name!r} %}} cannot be loaded: {exc}")
             return
-        self.walk_template(template)
-
-    def walk_template(self, template: Any) -> None:
         self.in_include += 1
         try:
             self.walk_lists([template.nodelist], pushed=True)
@@ -168,16 +168,7 @@ class _Walker:
         if not isinstance(fe, FilterExpression) or isinstance(fe.var, Variable) or fe.filters:
             self.reason("an included template extends a template chosen at run time")
             return
-        name = str(fe.var)
-        if name in self.seen_templates:
-            return
-        self.seen_templates.add(name)
-        try:
-            template = self.engine.get_template(name)
-        except Exception as exc:
-            self.reason(f"{{% extends {name!r} %}} cannot be loaded: {exc}")
-            return
-        self.walk_template(template)
+        self.follow("extends", str(fe.var))
 
     def value(self, value: Any, pushed: bool, depth: int) -> None:
         if depth > 6:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from parallel_render import conf
+from parallel_render.process import send, wait_all
 
 logger = logging.getLogger("parallel_render")
 
@@ -160,15 +161,8 @@ class LocalCluster:
         with self._lock:
             procs = [p for p in [*self.procs, self.router] if p is not None]
             for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            end = time.monotonic() + grace
-            for proc in procs:
-                try:
-                    proc.wait(max(0.01, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                send(proc, signal.SIGTERM)
+            wait_all(procs, grace)
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
 

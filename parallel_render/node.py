@@ -25,6 +25,7 @@ from typing import Any
 from parallel_render import conf
 from parallel_render.cluster import ClusterError, child_env, private_socket_dir, start_router, worker_command
 from parallel_render.layout import Layout, apply_affinity, plan, unpinned
+from parallel_render.process import send, wait_all
 from parallel_render.worker import HEARTBEAT_ENV
 
 logger = logging.getLogger("parallel_render")
@@ -157,11 +158,11 @@ class NodeSupervisor:
             self._thread.join(5)
         procs = [w.proc for w in self.workers]
         for proc in procs:
-            _signal(proc, signal.SIGTERM)
-        _wait_all(procs, self.options.grace)
+            send(proc, signal.SIGTERM)
+        wait_all(procs, self.options.grace)
         if self.router is not None:
-            _signal(self.router, signal.SIGTERM)
-            _wait_all([self.router], 5.0)
+            send(self.router, signal.SIGTERM)
+            wait_all([self.router], 5.0)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
@@ -250,7 +251,7 @@ class NodeSupervisor:
                 logger.error("node: worker %d silent for %.0fs (stuck in a job?); killing it", w.proc.pid, wall - beat)
                 w.killed_by_us = True
                 self.restarts["stuck"] += 1
-                _signal(w.proc, signal.SIGKILL)
+                send(w.proc, signal.SIGKILL)
             elif self.options.max_memory_mb and not w.retiring:
                 rss = _rss_mb(w.proc.pid)
                 if rss > self.options.max_memory_mb:
@@ -287,7 +288,7 @@ class NodeSupervisor:
             replaced = any(n.slot == w.slot and not n.retiring and n.last_beat() > 0 for n in self.workers)
             if replaced or now > w.retire_by:
                 w.signalled = True
-                _signal(w.proc, signal.SIGTERM)
+                send(w.proc, signal.SIGTERM)
 
     def _spawn(self, slot: int) -> None:
         self._spawned += 1
@@ -310,24 +311,6 @@ def _configured_router() -> str | None:
 
     user = getattr(settings, "PARALLEL_RENDER", None) or {}
     return user.get("ROUTER")
-
-
-def _signal(proc: subprocess.Popen, sig: int) -> None:
-    if proc.poll() is None:
-        try:
-            proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-
-def _wait_all(procs: list[subprocess.Popen], grace: float) -> None:
-    end = time.monotonic() + grace
-    for proc in procs:
-        try:
-            proc.wait(max(0.01, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _unlink(path: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
+import time
 
 PR_SET_PDEATHSIG = 1
 
@@ -18,3 +20,23 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
         pass
     if os.getppid() != parent_pid:
         os._exit(0)
+
+
+def send(proc: subprocess.Popen, sig: int) -> None:
+    """Signal proc if it is still running."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_all(procs: list[subprocess.Popen], grace: float) -> None:
+    """Wait for every process, sharing one grace period; kill whatever outlives it."""
+    end = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.01, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
