@@ -20,6 +20,13 @@ from parallel_render.process import send, wait_all
 logger = logging.getLogger("parallel_render")
 
 
+# A process that exits sooner than this after starting is failing, not finishing its work;
+# it is started again after a delay that doubles up to BACKOFF_MAX.
+QUICK_DEATH = 1.0
+BACKOFF_START = 0.1
+BACKOFF_MAX = 5.0
+
+
 class ClusterError(RuntimeError):
     pass
 
@@ -102,21 +109,49 @@ class LocalCluster:
         self.router: subprocess.Popen | None = None
         self.procs: list[subprocess.Popen] = []
         self.restarts = 0
+        self._started: dict[int, float] = {}  # pid -> when it started
+        self._retry_at: dict[object, float] = {}
+        self._delay: dict[object, float] = {}
+        self._told: dict[object, bool] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> LocalCluster:
         self.router, self.address = start_router(self.requested_address, self.binary, self.router_args)
+        self._started[self.router.pid] = time.monotonic()
         self.procs = [self._spawn_worker() for _ in range(self.workers)]
         self._thread = threading.Thread(target=self._supervise, name="parallel_render-supervisor", daemon=True)
         self._thread.start()
         return self
 
     def _spawn_worker(self) -> subprocess.Popen:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             worker_command(self.address, self.max_jobs, self.worker_args), env=self.env, stdin=subprocess.DEVNULL
         )
+        self._started[proc.pid] = time.monotonic()
+        return proc
+
+    def _due(self, key: object, proc: subprocess.Popen | None, what: str) -> bool:
+        """Whether to start key's process again now. One that keeps dying soon after it
+        starts (a broken setting, say) is retried with growing delays, and said so once."""
+        now = time.monotonic()
+        if key not in self._retry_at:
+            lived = now - self._started.pop(proc.pid, now) if proc is not None else QUICK_DEATH
+            if lived < QUICK_DEATH and (proc is None or proc.returncode != 0):
+                delay = self._delay[key] = min(self._delay.get(key, BACKOFF_START / 2) * 2, BACKOFF_MAX)
+                if delay >= BACKOFF_MAX and not self._told.get(key):
+                    self._told[key] = True
+                    logger.error("%s keeps exiting at once (exit code %s); retrying every %.0f s", what,
+                                 proc.returncode if proc is not None else "?", BACKOFF_MAX)
+            else:
+                delay = self._delay[key] = 0.0
+                self._told.pop(key, None)
+            self._retry_at[key] = now + delay
+        if now < self._retry_at[key]:
+            return False
+        del self._retry_at[key]
+        return True
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.1):
@@ -124,14 +159,16 @@ class LocalCluster:
                 if self._stop.is_set():
                     return
                 if self.router is not None and self.router.poll() is not None:
-                    logger.warning("fastrouter exited with %s; starting it again", self.router.returncode)
-                    try:
-                        self.router, _ = start_router(self.address, self.binary, self.router_args)
-                    except ClusterError as exc:
-                        logger.error("%s", exc)
-                    self.restarts += 1
+                    if self._due("router", self.router, "the fastrouter"):
+                        logger.warning("fastrouter exited with %s; starting it again", self.router.returncode)
+                        try:
+                            self.router, _ = start_router(self.address, self.binary, self.router_args)
+                            self._started[self.router.pid] = time.monotonic()
+                        except ClusterError as exc:
+                            logger.error("%s", exc)
+                        self.restarts += 1
                 for i, proc in enumerate(self.procs):
-                    if proc.poll() is not None:
+                    if proc.poll() is not None and self._due(i, proc, f"worker {i}"):
                         self.procs[i] = self._spawn_worker()
                         self.restarts += 1
 

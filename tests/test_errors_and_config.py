@@ -125,3 +125,17 @@ def test_fallback_is_for_failures_and_timeouts_not_for_a_full_queue(transactiona
     conf.get_config.cache_clear()
     assert response.content.decode().strip() == "first-fallback|second T"
     assert rescued(response) == ["timed out", "the router queue is full"]
+
+
+def test_a_worker_that_cannot_start_is_retried_with_growing_delays(caplog):
+    import time
+
+    from parallel_render.cluster import LocalCluster
+
+    # A wrong database alias makes every worker exit at once with a clear error.
+    with LocalCluster(1, worker_args=["--db-name", "nosuchalias=x"]) as cluster:
+        time.sleep(4)
+        restarts, delay = cluster.restarts, cluster._delay.get(0, 0)
+    # Without backoff a slot restarts about every 0.4 s (a Python start-up); with it, far less.
+    assert 1 <= restarts <= 5, restarts
+    assert delay >= 0.8, delay
