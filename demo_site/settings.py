@@ -122,6 +122,8 @@ PARALLEL_RENDER = {
     "TIMEOUT": 5.0,
     # ``?serial=1`` renders the page serially, for side-by-side comparisons.
     "SERIAL_QUERY_PARAM": "serial",
+    # The page's timing table reads the per-block Server-Timing header, even with DEBUG off.
+    "SERVER_TIMING": True,
 }
 
 AUTH_PASSWORD_VALIDATORS: list = []

@@ -26,6 +26,9 @@ DEFAULTS: dict[str, Any] = {
     "SERIAL_QUERY_PARAM": None,
     # A request header (as in request.headers) that makes a request render serially.
     "SERIAL_HEADER": "X-Parallel-Render",
+    # A Server-Timing entry per block (its template and line, the worker's pid, times).
+    # None: only when DEBUG is on, since it tells clients about the site's internals.
+    "SERVER_TIMING": None,
     # Largest job or result the master will send, in bytes.
     "MAX_PAYLOAD": 8 * 1024 * 1024,
     # Jobs a worker renders before it exits so its supervisor starts a fresh one.

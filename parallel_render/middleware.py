@@ -90,8 +90,17 @@ def stitch(current: session.RenderSession, response: HttpResponse) -> None:
     response.content = content
     if response.has_header("Content-Length"):
         response.headers["Content-Length"] = str(len(content))
-    existing = response.headers.get("Server-Timing")
-    response.headers["Server-Timing"] = ", ".join(([existing] if existing else []) + timings)
+    if server_timing_enabled():
+        existing = response.headers.get("Server-Timing")
+        response.headers["Server-Timing"] = ", ".join(([existing] if existing else []) + timings)
+
+
+def server_timing_enabled() -> bool:
+    """The per-block header names templates and pids: on in DEBUG unless the site says otherwise."""
+    from django.conf import settings
+
+    setting = conf.get_config()["SERVER_TIMING"]
+    return settings.DEBUG if setting is None else bool(setting)
 
 
 def stitch_text(current: session.RenderSession, text: str) -> str:

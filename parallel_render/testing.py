@@ -70,8 +70,13 @@ def assert_parallel_equals_serial(client: Any, path: str, require_parallel: bool
     With require_parallel, also fail when no block was rendered by a worker (a page that
     silently renders everything inline proves nothing). Returns the parallel response.
     """
-    serial = client.get(path, **SERIAL_HEADER, **extra)
-    parallel = client.get(path, **extra)
+    from django.conf import settings
+    from django.test import override_settings
+
+    # Test runs turn DEBUG off; the per-block header is how we see who rendered what.
+    with override_settings(PARALLEL_RENDER={**(getattr(settings, "PARALLEL_RENDER", None) or {}), "SERVER_TIMING": True}):
+        serial = client.get(path, **SERIAL_HEADER, **extra)
+        parallel = client.get(path, **extra)
     if serial.status_code != parallel.status_code:
         raise AssertionError(f"{path}: status {parallel.status_code} in parallel, {serial.status_code} serially")
     if parallel.content != serial.content:

@@ -77,6 +77,7 @@ PARALLEL_RENDER = {
     "TIMEOUT": 5.0,
     "WORKERS": 2,
     "MIN_BLOCK_MS": 0,
+    "SERVER_TIMING": True,
     "WORKER_CONTEXT_PROCESSORS": ["tests.testapp.context_processors.site_info"],
 }
 LOGGING = {

@@ -32,12 +32,12 @@ def test_block_error_with_fallback_raises_in_debug(parallel):
         Client(raise_request_exception=True).get("/p/error_fallback/")
 
 
-def test_serial_query_param_and_disabled_setting(parallel):
+def test_serial_query_param_and_disabled_setting(parallel, settings):
     client = Client()
-    with override_settings(PARALLEL_RENDER={"SERIAL_QUERY_PARAM": "serial"}):
+    with override_settings(PARALLEL_RENDER={**settings.PARALLEL_RENDER, "SERIAL_QUERY_PARAM": "serial"}):
         assert "Server-Timing" in client.get("/p/leak/").headers
         assert "Server-Timing" not in client.get("/p/leak/?serial=1").headers
-    with override_settings(PARALLEL_RENDER={"ENABLED": False}):
+    with override_settings(PARALLEL_RENDER={**settings.PARALLEL_RENDER, "ENABLED": False}):
         assert "Server-Timing" not in client.get("/p/leak/").headers
 
 
@@ -139,3 +139,14 @@ def test_a_worker_that_cannot_start_is_retried_with_growing_delays(caplog):
     # Without backoff a slot restarts about every 0.4 s (a Python start-up); with it, far less.
     assert 1 <= restarts <= 5, restarts
     assert delay >= 0.8, delay
+
+
+def test_server_timing_is_only_sent_in_debug_unless_the_site_says_so(parallel, settings):
+    base = {k: v for k, v in settings.PARALLEL_RENDER.items() if k != "SERVER_TIMING"}
+    client = Client()
+    with override_settings(PARALLEL_RENDER=base, DEBUG=False):
+        assert "Server-Timing" not in client.get("/p/leak/").headers
+    with override_settings(PARALLEL_RENDER=base, DEBUG=True):
+        assert " pid " in client.get("/p/leak/").headers["Server-Timing"]
+    with override_settings(PARALLEL_RENDER={**base, "SERVER_TIMING": False}, DEBUG=True):
+        assert "Server-Timing" not in client.get("/p/leak/").headers

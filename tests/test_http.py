@@ -81,10 +81,10 @@ def test_csrf_token_rendered_by_a_worker_posts_from_a_fresh_browser(gunicorn):
         assert r.status == 200 and r.read().decode() == "posted hello"
 
 
-def test_oversize_block_renders_inline(parallel, caplog):
+def test_oversize_block_renders_inline(parallel, caplog, settings):
     client = Client()
     caplog.set_level("DEBUG", logger="parallel_render")
-    with override_settings(PARALLEL_RENDER={"MAX_PAYLOAD": 1000}):
+    with override_settings(PARALLEL_RENDER={**settings.PARALLEL_RENDER, "MAX_PAYLOAD": 1000}):
         serial = client.get("/p/big/?n=50", HTTP_X_PARALLEL_RENDER="serial")
         response = client.get("/p/big/?n=50")
     assert response.content == serial.content
