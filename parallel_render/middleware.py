@@ -41,6 +41,9 @@ class ParallelRenderMiddleware:
         token = session.activate(current)
         try:
             response = self.get_response(request)
+        except BaseException:
+            abandon(current)
+            raise
         finally:
             session.deactivate(token)
         if current.fragments:
@@ -56,6 +59,9 @@ class ParallelRenderMiddleware:
         token = session.activate(current)
         try:
             response = await self.get_response(request)
+        except BaseException:
+            abandon(current)
+            raise
         finally:
             session.deactivate(token)
         if current.fragments:
@@ -76,6 +82,12 @@ class ParallelRenderMiddleware:
             return True
         header = config["SERIAL_HEADER"]
         return bool(header) and request.headers.get(header, "").lower() == "serial"
+
+
+def abandon(current: session.RenderSession) -> None:
+    """The view raised after blocks went out: tell the router, so nothing waits for them."""
+    if current.fragments:
+        current.client.cancel([f.job_id for f in current.fragments])
 
 
 def stitch(current: session.RenderSession, response: HttpResponse) -> None:

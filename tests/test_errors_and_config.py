@@ -150,3 +150,17 @@ def test_server_timing_is_only_sent_in_debug_unless_the_site_says_so(parallel, s
         assert " pid " in client.get("/p/leak/").headers["Server-Timing"]
     with override_settings(PARALLEL_RENDER={**base, "SERVER_TIMING": False}, DEBUG=True):
         assert "Server-Timing" not in client.get("/p/leak/").headers
+
+
+def test_a_page_that_fails_after_sending_blocks_leaves_nothing_pending(parallel):
+    """Django turns the view's exception into a 500 response inside our middleware; the
+    blocks already sent are still collected (or cancelled), so no answer is left behind."""
+    from parallel_render.client import get_client
+
+    client = Client(raise_request_exception=True)
+    with pytest.raises(ValueError, match="boom"):
+        client.get("/p/raise_after/?n=5", HTTP_X_PARALLEL_RENDER="serial")
+    with pytest.raises(ValueError, match="boom"):
+        client.get("/p/raise_after/?n=5")
+    router = get_client(conf.get_config()["ROUTER"])
+    assert not router._pending and not router._answers
