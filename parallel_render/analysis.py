@@ -6,6 +6,7 @@ only those travel), and the reasons it must render inline instead.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,9 +210,13 @@ class _Walker:
             self.result.names.add(var.lookups[0])
 
 
-def transparent_paths(extra: list[str]) -> set[str]:
-    paths = set(TRANSPARENT_ENCLOSING)
+def transparent_paths(extra: list[str]) -> frozenset[str]:
+    """Built-in transparent tags plus the site's TRANSPARENT_TAGS (read on every block render)."""
+    return _transparent_paths(tuple(extra))
+
+
+@functools.cache
+def _transparent_paths(extra: tuple[str, ...]) -> frozenset[str]:
     for dotted in extra:
         import_string(dotted)  # a typo in settings fails loudly here
-        paths.add(dotted)
-    return paths
+    return frozenset(TRANSPARENT_ENCLOSING) | frozenset(extra)

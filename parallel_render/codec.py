@@ -184,29 +184,25 @@ class Encoder:
 
     def _queryset(self, qs: QuerySet, path: str) -> Any:
         label = qs.model._meta.label_lower
-        if isinstance(qs, RemoteQuerySet) and qs._result_cache is None:
-            # A worker passing on what it was sent (a nested block): the same SQL again.
-            sql, params, prefetch = qs._remote
-            return {
-                "$qs": label,
-                "db": qs.db,
-                "sql": sql,
-                "params": [self.encode(v, f"{path}.query.params") for v in params],
-                "prefetch": list(prefetch),
-            }
-        if qs._result_cache is None and _can_run_remotely(qs):
+        remote = None
+        if qs._result_cache is None and isinstance(qs, RemoteQuerySet):
+            remote = qs._remote  # a worker passing on what it was sent (a nested block)
+        elif qs._result_cache is None and _can_run_remotely(qs):
             from django.core.exceptions import EmptyResultSet
 
             try:
                 sql, params = qs.query.get_compiler(using=qs.db).as_sql()
             except EmptyResultSet:
                 return {"$qs": label, "db": qs.db, "rows": []}
+            remote = (sql, params, qs._prefetch_related_lookups)
+        if remote is not None:
+            sql, params, prefetch = remote
             return {
                 "$qs": label,
                 "db": qs.db,
                 "sql": sql,
                 "params": [self.encode(v, f"{path}.query.params") for v in params],
-                "prefetch": list(qs._prefetch_related_lookups),
+                "prefetch": list(prefetch),
             }
         # Anything else is evaluated here, as serial rendering would when it reads it.
         rows = list(qs)

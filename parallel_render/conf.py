@@ -102,7 +102,9 @@ def clear_config(**kwargs: Any) -> None:
 
 def worker_count() -> int:
     workers = get_config()["WORKERS"]
-    return os.cpu_count() or 1 if workers is None else workers
+    if workers is None:
+        return os.cpu_count() or 1
+    return workers
 
 
 def fastrouter_binary() -> str:

@@ -95,11 +95,7 @@ bool write_all(int fd, const void* data, size_t n) {
 
 void put_frame(std::vector<uint8_t>* out, uint8_t type, uint64_t id, const uint8_t* payload,
                size_t len, uint32_t timeout_ms = 0, const std::string& auth = std::string()) {
-    fr::FrameHeader h;
-    h.type = type;
-    h.job_id = id;
-    h.timeout_ms = timeout_ms;
-    h.length = static_cast<uint32_t>(len + auth.size());
+    const fr::FrameHeader h{type, 0, id, timeout_ms, static_cast<uint32_t>(len + auth.size())};
     uint8_t hdr[fr::kHeaderSize];
     fr::frame_encode_header(h, hdr);
     out->insert(out->end(), hdr, hdr + sizeof hdr);
@@ -172,14 +168,8 @@ void echo_worker(std::string address, std::atomic<int>* ready) {
         while (in.next(&f) == fr::FrameParser::Status::kFrame) {
             if (f.header.type != fr::kJob) continue;
             // RESULT (echoing the body) and READY in one gather write, as a real worker would.
-            fr::FrameHeader h;
-            h.type = fr::kResult;
-            h.job_id = f.header.job_id;
-            h.length = f.header.length;
-            fr::frame_encode_header(h, hdr);
-            fr::FrameHeader r;
-            r.type = fr::kReady;
-            fr::frame_encode_header(r, hdr + fr::kHeaderSize);
+            fr::frame_encode_header({fr::kResult, 0, f.header.job_id, 0, f.header.length}, hdr);
+            fr::frame_encode_header({fr::kReady, 0, 0, 0, 0}, hdr + fr::kHeaderSize);
             struct iovec iov[3] = {{hdr, fr::kHeaderSize},
                                    {const_cast<uint8_t*>(f.payload), f.header.length},
                                    {hdr + fr::kHeaderSize, fr::kHeaderSize}};

@@ -223,12 +223,7 @@ void Router::send(Conn* c, uint8_t type, uint16_t flags, uint64_t job_id, uint32
                   const uint8_t* payload, size_t len) {
     if (c->state == ConnState::kDead) return;
     uint8_t hdr[kHeaderSize];
-    FrameHeader h;
-    h.type = type;
-    h.flags = flags;
-    h.job_id = job_id;
-    h.timeout_ms = timeout_ms;
-    h.length = static_cast<uint32_t>(len);
+    const FrameHeader h{type, flags, job_id, timeout_ms, static_cast<uint32_t>(len)};
     frame_encode_header(h, hdr);
     c->out.append(hdr, sizeof hdr, payload, len);
     after_send(c);
@@ -238,12 +233,7 @@ void Router::send_owned(Conn* c, uint8_t type, uint16_t flags, uint64_t job_id,
                         uint32_t timeout_ms, std::vector<uint8_t>& payload) {
     if (c->state == ConnState::kDead) return;
     uint8_t hdr[kHeaderSize];
-    FrameHeader h;
-    h.type = type;
-    h.flags = flags;
-    h.job_id = job_id;
-    h.timeout_ms = timeout_ms;
-    h.length = static_cast<uint32_t>(payload.size());
+    const FrameHeader h{type, flags, job_id, timeout_ms, static_cast<uint32_t>(payload.size())};
     frame_encode_header(h, hdr);
     c->out.append_owned(hdr, sizeof hdr, payload);
     after_send(c);

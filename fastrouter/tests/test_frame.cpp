@@ -28,12 +28,7 @@ const Bytes kWorkerLost7 = {0x50, 0x52, 0x01, 0x06, 0x01, 0x00, 0x00, 0x00, 0x07
                             0x73, 0x74};
 
 Bytes encode(uint8_t type, uint16_t flags, uint64_t job, uint32_t timeout, const std::string& p) {
-    FrameHeader h;
-    h.type = type;
-    h.flags = flags;
-    h.job_id = job;
-    h.timeout_ms = timeout;
-    h.length = static_cast<uint32_t>(p.size());
+    const FrameHeader h{type, flags, job, timeout, static_cast<uint32_t>(p.size())};
     Bytes out(kHeaderSize);
     frame_encode_header(h, out.data());
     out.insert(out.end(), p.begin(), p.end());

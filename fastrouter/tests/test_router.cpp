@@ -19,12 +19,7 @@ struct Out {
 
 std::string frame(uint8_t type, uint16_t flags, uint64_t job, uint32_t timeout,
                   const std::string& p = "") {
-    FrameHeader h;
-    h.type = type;
-    h.flags = flags;
-    h.job_id = job;
-    h.timeout_ms = timeout;
-    h.length = static_cast<uint32_t>(p.size());
+    const FrameHeader h{type, flags, job, timeout, static_cast<uint32_t>(p.size())};
     uint8_t hdr[kHeaderSize];
     frame_encode_header(h, hdr);
     return std::string(reinterpret_cast<char*>(hdr), kHeaderSize) + p;
