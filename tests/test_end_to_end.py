@@ -142,3 +142,13 @@ def test_content_length_is_fixed_after_stitching(parallel):
     assert block_pids(response)
     assert int(response.headers["Content-Length"]) == len(response.content)
     assert b"<!--pr:" not in response.content
+
+
+def test_user_content_that_looks_like_a_placeholder_stays_text(parallel):
+    fake = "<!--pr:" + "0" * 32 + ":0-->"
+    from urllib.parse import quote
+
+    _serial, response = compare(Client(), f"/p/lookalike/?title=T&marker={quote(fake)}")
+    body = response.content.decode()
+    assert f"[{fake}]" in body and "<b>T</b>" in body and "&lt;!--pr:" in body
+    assert len(block_pids(response)) == 1
