@@ -135,9 +135,16 @@ def test_a_worker_that_cannot_start_is_retried_with_growing_delays(caplog):
     # A wrong database alias makes every worker exit at once with a clear error.
     with LocalCluster(1, worker_args=["--db-name", "nosuchalias=x"]) as cluster:
         time.sleep(4)
+        early = cluster.restarts
+        # A loaded machine starts Python slowly: wait for enough quick deaths to see the delays grow.
+        give_up = time.monotonic() + 30
+        while cluster.restarts < 4 and time.monotonic() < give_up:
+            time.sleep(0.05)
         restarts, delay = cluster.restarts, cluster._delay.get(0, 0)
     # Without backoff a slot restarts about every 0.4 s (a Python start-up); with it, far less.
-    assert 1 <= restarts <= 5, restarts
+    assert 1 <= early <= 5, early
+    assert restarts >= 4, restarts
+    # Each quick death doubles the wait: 0.1, 0.2, 0.4, then 0.8 s before the fifth start.
     assert delay >= 0.8, delay
 
 
