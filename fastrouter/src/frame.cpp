@@ -47,6 +47,8 @@ const char* frame_type_name(uint8_t type) {
         case kStats: return "STATS";
         case kProtocolError: return "PROTOCOL_ERROR";
         case kCancel: return "CANCEL";
+        case kWithdraw: return "WITHDRAW";
+        case kWithdrawn: return "WITHDRAWN";
         default: return "UNKNOWN";
     }
 }

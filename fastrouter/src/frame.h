@@ -25,13 +25,17 @@ enum FrameType : uint8_t {
     kStats = 9,
     kProtocolError = 10,
     kCancel = 11,
+    kWithdraw = 12,
+    kWithdrawn = 13,
 };
-constexpr uint8_t kMaxType = kCancel;
+constexpr uint8_t kMaxType = kWithdrawn;
 
 constexpr uint16_t kFlagHighPriority = 0x0001;
 // SUBMIT: deliver to a worker idle right now, or answer BUSY; never queue. Nested blocks use
 // it so a worker never waits on a queue that only its own completion could drain.
 constexpr uint16_t kFlagNoQueue = 0x0002;
+// WITHDRAWN: the job was still queued and is now the master's; this is its terminal answer.
+constexpr uint16_t kFlagTaken = 0x0001;
 
 enum ErrorCode : uint16_t {
     kErrWorkerLost = 1,

@@ -24,7 +24,8 @@ const char* role_name(Role r) {
 bool allowed(Role role, uint8_t type) {
     switch (role) {
         case kRoleNone: return type == kHello || type == kStats;  // STATS: see handle()
-        case kRoleMaster: return type == kSubmit || type == kStats || type == kCancel;
+        case kRoleMaster:
+            return type == kSubmit || type == kStats || type == kCancel || type == kWithdraw;
         case kRoleWorker: return type == kReady || type == kResult || type == kStats;
     }
     return false;
@@ -311,6 +312,7 @@ void Router::handle(Conn* c, const Frame& f, int64_t now) {
         case kHello: on_hello(c, f); break;
         case kSubmit: on_submit(c, f, now); break;
         case kCancel: on_cancel(c, f); break;
+        case kWithdraw: on_withdraw(c, f); break;
         case kReady: on_ready(c, now); break;
         case kResult: on_result(c, f, now); break;
         case kStats: on_stats(c, f); break;
@@ -427,6 +429,28 @@ void Router::on_cancel(Conn* c, const Frame& f) {
         queue_.remove(j->qh);
         job_free(rid);
     }
+}
+
+void Router::on_withdraw(Conn* c, const Frame& f) {
+    if (f.header.length != 0) {
+        protocol_error(c, "WITHDRAW payload must be empty");
+        return;
+    }
+    // A job in the master's map is either queued or with a worker: answered, cancelled and
+    // drained jobs have left it. Only a queued one can be taken back.
+    uint64_t rid = c->jobs.get(f.header.job_id);
+    Job* j = rid ? job_get(rid) : nullptr;
+    uint16_t flags = 0;
+    if (j && !j->in_flight) {
+        queue_.remove(j->qh);
+        c->jobs.erase(f.header.job_id);
+        job_free(rid);
+        flags = kFlagTaken;
+        stats_.withdrawn++;
+    } else {
+        stats_.withdraw_missed++;
+    }
+    send(c, kWithdrawn, flags, f.header.job_id, 0, nullptr, 0);
 }
 
 void Router::on_ready(Conn* c, int64_t now) {
@@ -607,7 +631,8 @@ Conn* Router::idle_pop() {
 // ---- stats -------------------------------------------------------------------------------
 
 std::string Router::stats_json() {
-    char buf[1024];
+    // Room for every number at its widest (20 digits); the clamp below is belt and braces.
+    char buf[2048];
     int n = snprintf(
         buf, sizeof buf,
         "{\"queued\":%zu,\"queued_bytes\":%zu,\"in_flight\":%zu,\"workers_idle\":%zu,"
@@ -616,15 +641,18 @@ std::string Router::stats_json() {
         "\"submitted\":%" PRIu64 ",\"completed\":%" PRIu64 ",\"errors\":%" PRIu64
         ",\"timeouts\":%" PRIu64 ",\"busy\":%" PRIu64 ",\"cancelled\":%" PRIu64
         ",\"dropped\":%" PRIu64 ",\"protocol_errors\":%" PRIu64
+        ",\"withdrawn\":%" PRIu64 ",\"withdraw_missed\":%" PRIu64
         ",\"queue_wait_p50_us\":%" PRIu64 ",\"queue_wait_p99_us\":%" PRIu64
         ",\"service_p50_us\":%" PRIu64 ",\"service_p99_us\":%" PRIu64
         ",\"max_queue\":%zu,\"max_queue_bytes\":%zu,\"max_frame\":%u,\"stopping\":%s}",
         queue_.count(), queue_.bytes(), in_flight_, workers_idle_, workers_ - workers_idle_,
         masters_, workers_, live_conns_, jobs_live_, stats_.submitted, stats_.completed, stats_.errors,
         stats_.timeouts, stats_.busy, stats_.cancelled, stats_.dropped, stats_.protocol_errors,
+        stats_.withdrawn, stats_.withdraw_missed,
         queue_wait_us_.percentile(0.5), queue_wait_us_.percentile(0.99), service_us_.percentile(0.5),
         service_us_.percentile(0.99), queue_.max_count(), queue_.max_bytes(), cfg_.max_frame, stopping_ ? "true" : "false");
-    return std::string(buf, n > 0 ? static_cast<size_t>(n) : 0);
+    if (n < 0) n = 0;
+    return std::string(buf, static_cast<size_t>(n) < sizeof buf ? static_cast<size_t>(n) : sizeof buf - 1);
 }
 
 }  // namespace fr

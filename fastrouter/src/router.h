@@ -37,6 +37,8 @@ struct RouterStats {
     uint64_t cancelled = 0;
     uint64_t dropped = 0;
     uint64_t protocol_errors = 0;
+    uint64_t withdrawn = 0;        // WITHDRAWN with TAKEN
+    uint64_t withdraw_missed = 0;  // WITHDRAWN without it
 };
 
 enum class ConnState : uint8_t {
@@ -139,6 +141,7 @@ private:
     void on_hello(Conn* c, const Frame& f);
     void on_submit(Conn* c, const Frame& f, int64_t now);
     void on_cancel(Conn* c, const Frame& f);
+    void on_withdraw(Conn* c, const Frame& f);
     void on_ready(Conn* c, int64_t now);
     void on_result(Conn* c, const Frame& f, int64_t now);
     void on_stats(Conn* c, const Frame& f);

@@ -26,6 +26,14 @@ const Bytes kWorkerLost7 = {0x50, 0x52, 0x01, 0x06, 0x01, 0x00, 0x00, 0x00, 0x07
                             0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x0b, 0x00,
                             0x00, 0x00, 0x77, 0x6f, 0x72, 0x6b, 0x65, 0x72, 0x20, 0x6c, 0x6f,
                             0x73, 0x74};
+const Bytes kWithdraw7 = {0x50, 0x52, 0x01, 0x0c, 0x00, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00,
+                          0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00};
+const Bytes kWithdrawnTaken7 = {0x50, 0x52, 0x01, 0x0d, 0x01, 0x00, 0x00, 0x00,
+                                0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                                0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00};
+const Bytes kWithdrawnNotTaken7 = {0x50, 0x52, 0x01, 0x0d, 0x00, 0x00, 0x00, 0x00,
+                                   0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                                   0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00};
 
 Bytes encode(uint8_t type, uint16_t flags, uint64_t job, uint32_t timeout, const std::string& p) {
     const FrameHeader h{type, flags, job, timeout, static_cast<uint32_t>(p.size())};
@@ -61,6 +69,9 @@ TEST(encode_matches_protocol_examples) {
     CHECK(encode(kReady, 0, 0, 0, "") == kReadyEx);
     CHECK(encode(kBusy, 0, 7, 0, "") == kBusy7);
     CHECK(encode(kError, kErrWorkerLost, 7, 0, "worker lost") == kWorkerLost7);
+    CHECK(encode(kWithdraw, 0, 7, 0, "") == kWithdraw7);
+    CHECK(encode(kWithdrawn, kFlagTaken, 7, 0, "") == kWithdrawnTaken7);
+    CHECK(encode(kWithdrawn, 0, 7, 0, "") == kWithdrawnNotTaken7);
 }
 
 TEST(decode_protocol_examples) {
@@ -75,6 +86,11 @@ TEST(decode_protocol_examples) {
     CHECK_EQ(h.type, kError);
     CHECK_EQ(h.flags, kErrWorkerLost);
     CHECK_EQ(h.length, 11u);
+    CHECK(frame_decode_header(kWithdrawnTaken7.data(), kDefaultMaxFrame, &h) == DecodeError::kNone);
+    CHECK_EQ(h.type, kWithdrawn);
+    CHECK_EQ(h.flags, kFlagTaken);
+    CHECK_EQ(h.job_id, 7u);
+    CHECK_EQ(h.length, 0u);
 }
 
 TEST(large_fields_round_trip) {
@@ -185,7 +201,7 @@ TEST(bad_version_type_reserved) {
     b = kReadyEx;
     b[3] = 0;
     CHECK(parse_error(b) == DecodeError::kBadType);
-    b[3] = 12;
+    b[3] = 14;  // one past WITHDRAWN
     CHECK(parse_error(b) == DecodeError::kBadType);
     b[3] = 0xff;
     CHECK(parse_error(b) == DecodeError::kBadType);
@@ -195,7 +211,7 @@ TEST(bad_version_type_reserved) {
     b = kReadyEx;
     b[7] = 0x80;
     CHECK(parse_error(b) == DecodeError::kBadReserved);
-    for (uint8_t t = kHello; t <= kCancel; t++) {
+    for (uint8_t t = kHello; t <= kWithdrawn; t++) {
         b = kReadyEx;
         b[3] = t;
         CHECK(parse_error(b) == DecodeError::kNone);

@@ -457,4 +457,194 @@ TEST(stats_percentiles_of_queue_wait_and_service) {
     CHECK(value("service_p99_us") >= 19000 && value("service_p99_us") <= 21000);
 }
 
+TEST(withdraw_queued_job_is_taken_and_never_delivered) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    t.send(m, frame(kSubmit, 0, 1, 0, "one") + frame(kSubmit, 0, 2, 0, "two") +
+                  frame(kSubmit, 0, 3, 0, "three"));
+    CHECK_EQ(t.r.queued(), 3u);
+    // Newest first, as a master waiting on its own page does.
+    t.send(m, frame(kWithdraw, 0, 3, 0));
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    if (out.size() != 1) return;
+    CHECK_EQ(out[0].h.type, kWithdrawn);
+    CHECK_EQ(out[0].h.flags, kFlagTaken);
+    CHECK_EQ(out[0].h.job_id, 3u);
+    CHECK_EQ(out[0].payload, std::string());
+    CHECK_EQ(t.r.queued(), 2u);
+    CHECK_EQ(t.r.stats().withdrawn, 1u);
+    // A worker takes from the head; the withdrawn job never reaches one.
+    uint64_t w = t.connect(kRoleWorker);
+    std::vector<std::string> seen;
+    t.send(w, frame(kReady, 0, 0, 0));
+    for (int i = 0; i < 3; i++) {
+        std::vector<Out> jobs = t.recv(w);
+        if (jobs.empty()) break;
+        seen.push_back(jobs[0].payload);
+        t.send(w, frame(kResult, 0, jobs[0].h.job_id, 0, "r") + frame(kReady, 0, 0, 0));
+    }
+    CHECK_EQ(seen.size(), 2u);
+    if (seen.size() == 2) {
+        CHECK_EQ(seen[0], std::string("one"));
+        CHECK_EQ(seen[1], std::string("two"));
+    }
+    out = t.recv(m);
+    CHECK_EQ(out.size(), 2u);
+    for (const Out& o : out) CHECK_EQ(o.h.type, kResult);
+    // The id is free again at once, and nothing is left behind.
+    t.send(m, frame(kSubmit, 0, 3, 0, "again"));
+    CHECK_EQ(t.recv(w)[0].payload, std::string("again"));
+    t.r.closed(m);
+    t.r.closed(w);
+    CHECK(t.r.stats_json().find("\"jobs_live\":0,") != std::string::npos);
+}
+
+TEST(withdraw_in_flight_job_is_not_taken_and_its_result_follows) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    t.send(m, frame(kSubmit, 0, 8, 0, "x"));
+    uint64_t rid = t.recv(w)[0].h.job_id;
+    t.send(m, frame(kWithdraw, 0, 8, 0));
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    if (out.size() != 1) return;
+    CHECK_EQ(out[0].h.type, kWithdrawn);
+    CHECK_EQ(out[0].h.flags, 0);
+    CHECK_EQ(out[0].h.job_id, 8u);
+    CHECK_EQ(t.r.in_flight(), 1u);
+    t.send(w, frame(kResult, 0, rid, 0, "html"));
+    out = t.recv(m);
+    CHECK_EQ(out.size(), 1u);
+    if (out.size() == 1) {
+        CHECK_EQ(out[0].h.type, kResult);
+        CHECK_EQ(out[0].payload, std::string("html"));
+    }
+    CHECK_EQ(t.r.stats().withdraw_missed, 1u);
+    CHECK_EQ(t.r.stats().withdrawn, 0u);
+}
+
+TEST(withdraw_answered_cancelled_or_unknown_is_not_taken_after_the_answer) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    t.send(m, frame(kSubmit, 0, 1, 10, "x"));
+    t.advance_ms(10);  // answered TIMEOUT while queued
+    t.send(m, frame(kSubmit, 0, 2, 0, "y") + frame(kCancel, 0, 2, 0));
+    t.send(m, frame(kWithdraw, 0, 1, 0) + frame(kWithdraw, 0, 2, 0) + frame(kWithdraw, 0, 77, 0));
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 4u);
+    if (out.size() != 4) return;
+    CHECK_EQ(out[0].h.type, kTimeout);  // the earlier answer comes first
+    for (size_t i = 1; i < 4; i++) {
+        CHECK_EQ(out[i].h.type, kWithdrawn);
+        CHECK_EQ(out[i].h.flags, 0);
+    }
+    CHECK_EQ(out[1].h.job_id, 1u);
+    CHECK_EQ(out[2].h.job_id, 2u);
+    CHECK_EQ(out[3].h.job_id, 77u);
+    CHECK_EQ(t.r.stats().withdraw_missed, 3u);
+}
+
+TEST(withdraw_is_only_for_the_submitting_connection) {
+    Harness t;
+    uint64_t m1 = t.connect(kRoleMaster), m2 = t.connect(kRoleMaster);
+    t.send(m1, frame(kSubmit, 0, 5, 0, "mine"));
+    t.send(m2, frame(kWithdraw, 0, 5, 0));
+    std::vector<Out> out = t.recv(m2);
+    CHECK_EQ(out.size(), 1u);
+    if (out.size() == 1) CHECK_EQ(out[0].h.flags, 0);
+    CHECK_EQ(t.r.queued(), 1u);
+    CHECK(t.recv(m1).empty());
+}
+
+TEST(ready_and_withdraw_race_is_decided_by_arrival_order) {
+    // READY first: the worker gets the job, the master is told not taken.
+    {
+        Harness t;
+        uint64_t m = t.connect(kRoleMaster);
+        uint64_t w = t.connect(kRoleWorker);
+        t.send(m, frame(kSubmit, 0, 1, 0, "x"));
+        t.send(w, frame(kReady, 0, 0, 0));
+        t.send(m, frame(kWithdraw, 0, 1, 0));
+        CHECK_EQ(t.recv(w).size(), 1u);
+        std::vector<Out> out = t.recv(m);
+        CHECK_EQ(out.size(), 1u);
+        if (out.size() == 1) CHECK_EQ(out[0].h.flags, 0);
+    }
+    // WITHDRAW first: the master has it, the worker stays idle and gets the next job.
+    {
+        Harness t;
+        uint64_t m = t.connect(kRoleMaster);
+        uint64_t w = t.connect(kRoleWorker);
+        t.send(m, frame(kSubmit, 0, 1, 0, "x"));
+        t.send(m, frame(kWithdraw, 0, 1, 0));
+        t.send(w, frame(kReady, 0, 0, 0));
+        CHECK(t.recv(w).empty());
+        std::vector<Out> out = t.recv(m);
+        CHECK_EQ(out.size(), 1u);
+        if (out.size() == 1) CHECK_EQ(out[0].h.flags, kFlagTaken);
+        t.send(m, frame(kSubmit, 0, 2, 0, "next"));
+        std::vector<Out> jobs = t.recv(w);
+        CHECK_EQ(jobs.size(), 1u);
+        if (jobs.size() == 1) CHECK_EQ(jobs[0].payload, std::string("next"));
+    }
+}
+
+TEST(withdraw_of_a_high_priority_job_and_queue_bytes) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    t.send(m, frame(kSubmit, kFlagHighPriority, 1, 0, "12345") + frame(kSubmit, 0, 2, 0, "678"));
+    t.send(m, frame(kWithdraw, 0, 1, 0));
+    CHECK_EQ(t.recv(m)[0].h.flags, kFlagTaken);
+    CHECK(t.r.stats_json().find("\"queued_bytes\":3,") != std::string::npos);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    CHECK_EQ(t.recv(w)[0].payload, std::string("678"));
+}
+
+TEST(withdraw_during_drain_is_not_taken_and_answers_once) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    t.send(m, frame(kSubmit, 0, 1, 0, "queued"));
+    t.r.drain();
+    t.send(m, frame(kWithdraw, 0, 1, 0));
+    std::vector<Out> out = t.recv(m);
+    CHECK_EQ(out.size(), 2u);
+    if (out.size() != 2) return;
+    CHECK_EQ(out[0].h.type, kError);
+    CHECK_EQ(out[0].h.flags, kErrShutdown);
+    CHECK_EQ(out[1].h.type, kWithdrawn);
+    CHECK_EQ(out[1].h.flags, 0);
+    CHECK_EQ(t.r.stats().withdrawn, 0u);
+}
+
+TEST(withdraw_frames_that_break_the_rules) {
+    struct Bad {
+        Role role;
+        std::string bytes;
+        const char* reason;
+    };
+    std::vector<Bad> bad = {
+        {kRoleMaster, frame(kWithdraw, 0, 1, 0, "x"), "WITHDRAW payload must be empty"},
+        {kRoleMaster, frame(kWithdraw, kFlagTaken, 1, 0), "unknown flag bits 0x0001 in WITHDRAW"},
+        {kRoleWorker, frame(kWithdraw, 0, 1, 0), "WITHDRAW is not allowed on a worker"},
+        {kRoleNone, frame(kWithdraw, 0, 1, 0), "WITHDRAW before HELLO"},
+        {kRoleMaster, frame(kWithdrawn, 0, 1, 0), "WITHDRAWN is not allowed on a master"},
+    };
+    for (const Bad& b : bad) {
+        Harness t;
+        uint64_t c = t.connect(b.role);
+        if (b.role == kRoleMaster) t.send(c, frame(kSubmit, 0, 1, 0, "q"));
+        t.send(c, b.bytes);
+        std::vector<Out> out = t.recv(c);
+        CHECK_EQ(out.size(), 1u);
+        if (out.size() != 1) continue;
+        CHECK_EQ(out[0].h.type, kProtocolError);
+        CHECK_EQ(out[0].payload.find(b.reason), 0u);
+        CHECK_EQ(t.r.queued(), 0u);  // the offender's queued job went with it
+    }
+}
+
 TEST_MAIN()
