@@ -8,9 +8,11 @@ threads never steal each other's results.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from typing import NamedTuple
@@ -26,7 +28,7 @@ class RouterUnavailable(Exception):
 
 
 class Answer(NamedTuple):
-    type: int  # RESULT, ERROR, TIMEOUT or BUSY
+    type: int  # RESULT, ERROR, TIMEOUT, BUSY, or WITHDRAWN (taken back: the master renders it)
     payload: bytes
     flags: int = 0
     received: float = 0.0  # time.monotonic() when it arrived
@@ -70,6 +72,12 @@ class RouterClient:
         self._next_id = 1
         self._pending: set[int] = set()
         self._answers: dict[int, Answer] = {}
+        # Submits not yet written: cheap blocks of one page go out in one write (see flush()).
+        self._outbox: list[bytes] = []
+        # WITHDRAW requests waiting for their WITHDRAWN, and the "not taken" answers read for them.
+        self._withdrawing: set[int] = set()
+        self._not_taken: set[int] = set()
+        self._status = StatusPage(self.address)
         self._generation = 0  # bumps on every (re)connect, so a reader can tell its socket died
         self._retry_at = 0.0
         self._backoff = self.BACKOFF_START
@@ -110,6 +118,8 @@ class RouterClient:
             except OSError:
                 pass
             self._sock = None
+        # Submits never written are answered below with the rest; they must not go out later.
+        self._outbox.clear()
         self._last_error = reason
         self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, self.BACKOFF_MAX)
@@ -127,28 +137,58 @@ class RouterClient:
 
     # -- jobs -----------------------------------------------------------------------------
 
-    def submit(self, payload: bytes, timeout: float, high_priority: bool = False, no_queue: bool = False) -> int:
+    def submit(
+        self, payload: bytes, timeout: float, high_priority: bool = False, no_queue: bool = False, defer: bool = False
+    ) -> int:
         """Queue a job and return its id at once; raise RouterUnavailable if it cannot be sent.
 
         no_queue: the router answers BUSY unless a worker is idle right now (nested blocks
         use it, so they never wait on a queue only their own worker could drain).
+        defer: keep the frame until the next flush() (or the next frame this process writes),
+        so a page's cheap blocks cost one write between them.
         """
         if len(payload) > self.max_payload:
             raise ValueError(f"job of {len(payload)} bytes exceeds MAX_PAYLOAD ({self.max_payload})")
         timeout_ms = max(1, min(int(timeout * 1000), 0xFFFFFFFF))
         flags = (p.FLAG_HIGH_PRIORITY if high_priority else 0) | (p.FLAG_NO_QUEUE if no_queue else 0)
         with self._lock:
-            sock = self._ensure_connected()
+            self._ensure_connected()
             job_id = self._next_id
             self._next_id += 1
-            head = p.header(p.SUBMIT, job_id, len(payload), flags, timeout_ms)
-            try:
-                sock.sendall(head + payload) if len(payload) < 4096 else _sendall_gather(sock, head, payload)
-            except OSError as exc:
-                self._fail_connection(f"send failed: {exc}")
-                raise RouterUnavailable(f"fastrouter at {self.address}: send failed: {exc}") from exc
+            self._outbox.append(p.header(p.SUBMIT, job_id, len(payload), flags, timeout_ms))
+            self._outbox.append(payload)
             self._pending.add(job_id)
+            if not defer:
+                self._flush_locked()
             return job_id
+
+    def flush(self) -> None:
+        """Write every deferred submit now."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self, *extra: bytes) -> bool:
+        """With the lock held: write the outbox and extra frames. False when the connection failed
+        (every unanswered job of it has been answered ERROR)."""
+        sock = self._sock
+        if sock is None:
+            self._outbox.clear()
+            return False
+        parts = self._outbox
+        parts.extend(extra)
+        if not parts:
+            return True
+        try:
+            if len(parts) == 1 or sum(len(part) for part in parts) < 16384:
+                sock.sendall(b"".join(parts))
+            else:
+                _sendall_gather(sock, parts)
+        except OSError as exc:
+            self._fail_connection(f"send failed: {exc}")
+            return False
+        finally:
+            parts.clear()
+        return True
 
     def cancel(self, job_ids: list[int]) -> None:
         with self._lock:
@@ -157,10 +197,61 @@ class RouterClient:
                 self._answers.pop(job_id, None)
             if self._sock is None or not job_ids:
                 return
+            self._flush_locked(*(p.encode(p.CANCEL, job_id) for job_id in job_ids))
+
+    def withdraw(self, job_id: int, deadline: float) -> bool | None:
+        """Take a job back from the router if no worker has started it.
+
+        True: it was still queued and the router removed it; it is answered and no worker
+        will render it, so the caller renders it. False: a worker has it; its answer comes to
+        collect() as usual. None: it is answered already (or the connection failed, which
+        answers it too). The router answers every WITHDRAW exactly once, so a job is never
+        both taken back and rendered by a worker.
+        """
+        with self._cond:
+            if job_id not in self._pending or job_id in self._answers:
+                return None
+            self._withdrawing.add(job_id)
             try:
-                self._sock.sendall(b"".join(p.encode(p.CANCEL, job_id) for job_id in job_ids))
-            except OSError as exc:
-                self._fail_connection(f"send failed: {exc}")
+                if not self._flush_locked(p.encode(p.WITHDRAW, job_id)):
+                    return None
+                while True:
+                    answer = self._answers.get(job_id)
+                    if answer is not None:
+                        if answer.type != p.WITHDRAWN:
+                            return None
+                        del self._answers[job_id]
+                        self._pending.discard(job_id)
+                        return True
+                    if job_id in self._not_taken:
+                        return False
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._sock is None:
+                        return False
+                    if self._reading:
+                        self._cond.wait(remaining)
+                    else:
+                        self._read_some(remaining)
+            finally:
+                self._withdrawing.discard(job_id)
+                self._not_taken.discard(job_id)
+
+    def poll(self, job_ids: list[int]) -> dict[int, Answer]:
+        """The answers already here for these jobs, without waiting (reading what the socket holds)."""
+        with self._cond:
+            if not self._reading and self._sock is not None:
+                self._read_some(0.0)
+            got = {}
+            for job_id in job_ids:
+                answer = self._answers.pop(job_id, None)
+                if answer is not None:
+                    got[job_id] = answer
+                    self._pending.discard(job_id)
+            return got
+
+    def load(self) -> RouterLoad | None:
+        """The router's load from its status page (no syscall), or None where it publishes none."""
+        return self._status.read()
 
     def collect(self, job_ids: list[int], deadline: float) -> dict[int, Answer]:
         """Wait until every job is answered or time.monotonic() reaches deadline.
@@ -170,6 +261,8 @@ class RouterClient:
         wanted = set(job_ids)
         got: dict[int, Answer] = {}
         with self._cond:
+            if self._outbox:
+                self._flush_locked()
             while True:
                 for job_id in list(wanted):
                     answer = self._answers.pop(job_id, None)
@@ -220,6 +313,12 @@ class RouterClient:
             if frame.type in (p.RESULT, p.ERROR, p.TIMEOUT, p.BUSY):
                 if frame.job_id in self._pending:
                     self._answers[frame.job_id] = Answer(frame.type, frame.payload, frame.flags, now)
+            elif frame.type == p.WITHDRAWN:
+                if frame.job_id in self._withdrawing:
+                    if frame.flags & p.FLAG_TAKEN:
+                        self._answers[frame.job_id] = Answer(p.WITHDRAWN, b"", frame.flags, now)
+                    else:
+                        self._not_taken.add(frame.job_id)
             elif frame.type == p.PROTOCOL_ERROR:
                 error = "router reported a protocol error: " + frame.payload.decode("utf-8", "replace")
         if error and generation == self._generation:
@@ -249,10 +348,10 @@ class RouterClient:
             sock.close()
 
 
-def _sendall_gather(sock: socket.socket, head: bytes, payload: bytes) -> None:
-    parts = [memoryview(head), memoryview(payload)]
+def _sendall_gather(sock: socket.socket, chunks: list[bytes]) -> None:
+    parts = [memoryview(chunk) for chunk in chunks]
     while parts:
-        sent = sock.sendmsg(parts)
+        sent = sock.sendmsg(parts[:512])
         while sent and parts:
             if sent >= len(parts[0]):
                 sent -= len(parts[0])
@@ -260,6 +359,82 @@ def _sendall_gather(sock: socket.socket, head: bytes, payload: bytes) -> None:
             else:
                 parts[0] = parts[0][sent:]
                 sent = 0
+
+
+class RouterLoad(NamedTuple):
+    """The router's load as its status page shows it (fastrouter/PROTOCOL.md, "Status page")."""
+
+    workers: int
+    idle: int
+    queued: int
+    in_flight: int
+    service_us: int  # moving average of a job's time with a worker
+    wait_us: int  # moving average of a dispatched job's time in the queue
+    updated_us: int
+    pid: int
+    stopping: int
+
+
+class StatusPage:
+    """Reads the status page a Unix-socket router keeps next to its socket, through a shared mapping."""
+
+    MAGIC = b"PRSTAT1\0"
+    FIELDS = struct.Struct("<Q9Q")  # seq, then RouterLoad's fields in order
+    STALE_US = 2_000_000  # a page not written for this long belongs to a router that is gone
+    RETRY = 1.0
+
+    def __init__(self, address: p.Address) -> None:
+        self.path = address.path + ".status" if address.scheme == "unix" else None
+        self._map: mmap.mmap | None = None
+        self._retry_at = 0.0
+
+    def read(self) -> RouterLoad | None:
+        if self.path is None:
+            return None
+        page = self._map
+        if page is None:
+            page = self._open()
+            if page is None:
+                return None
+        for _ in range(4):
+            seq, *values = self.FIELDS.unpack_from(page, 8)
+            if seq & 1:
+                continue
+            if self.FIELDS.unpack_from(page, 8)[0] != seq:
+                continue
+            load = RouterLoad(*values)
+            if time.monotonic_ns() // 1000 - load.updated_us > self.STALE_US:
+                self._close()  # the router restarted (a new page at the same path) or died
+                return None
+            return load
+        return None  # the router is writing right now; decide without it
+
+    def _open(self) -> mmap.mmap | None:
+        now = time.monotonic()
+        if now < self._retry_at:
+            return None
+        self._retry_at = now + self.RETRY
+        assert self.path is not None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            page = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        if page[:8] != self.MAGIC:
+            page.close()
+            return None
+        self._map = page
+        return page
+
+    def _close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
 
 
 _clients: dict[str, RouterClient] = {}

@@ -20,6 +20,11 @@ DEFAULTS: dict[str, Any] = {
     # would cost more than it saves. Its cost is still measured, so a block that grows
     # slower goes back to the workers. 0 sends every block.
     "MIN_BLOCK_MS": 1.0,
+    # Send a block only when a worker would start it soon (the router's status page says so),
+    # and take back, before waiting, the blocks no worker has started: a busy node renders
+    # like plain Django instead of queueing (docs/dispatch.md). False sends every block that
+    # can be sent and waits for the workers: for test suites that check where blocks render.
+    "ADAPTIVE": True,
     # unix:///path or tcp://host:port; None lets runserver start its own router.
     "ROUTER": None,
     # A query parameter that makes a request render serially (e.g. "serial"); None disables.
@@ -75,6 +80,10 @@ def get_config() -> dict[str, Any]:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
         raise ImproperlyConfigured(
             f"PARALLEL_RENDER['MIN_BLOCK_MS'] must be a number of milliseconds >= 0, not {threshold!r}."
+        )
+    if not isinstance(config["ADAPTIVE"], bool):
+        raise ImproperlyConfigured(
+            f"PARALLEL_RENDER['ADAPTIVE'] must be True or False, not {config['ADAPTIVE']!r}."
         )
     workers = config["WORKERS"]
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):

@@ -1,8 +1,9 @@
 """The CPU layout of a node, planned from its cores the way Quora's Ultralisk machines were.
 
-On 32 cores Quora ran 6 masters two to a core (3 cores), 27 workers one to a core, the
-fastrouter on its own core, and left one core to the kernel for interrupts. `plan()` keeps
-those proportions on other sizes; `apply_affinity()` is the one place that pins a process.
+On 32 cores Quora ran 6 masters two to a core (3 cores), 27 worker cores, the fastrouter on
+its own core, and left one core to the kernel for interrupts. `plan()` keeps those proportions
+on other sizes, with four workers to each worker core (blocks mostly wait on I/O);
+`apply_affinity()` is the one place that pins a process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ logger = logging.getLogger("parallel_render")
 # least one worker cannot be had, so processes are left to the scheduler.
 MIN_PINNED_CPUS = 4
 MASTERS_PER_CORE = 2
+# Blocks mostly wait (on the database, memcached, HTTP), so one worker per core leaves cores
+# idle while pages queue: four share each worker core. A worker costs about 35-45 MB of
+# memory of its own (docs/dispatch.md); CPU-bound blocks lose nothing, since the masters take
+# back what the workers have not started.
+WORKERS_PER_CORE = 4
 
 
 @dataclass(frozen=True)
@@ -75,10 +81,9 @@ def plan(cpus: Sequence[int] | int | None = None, masters: int | None = None, wo
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, not {value}")
     if n < MIN_PINNED_CPUS:
-        # Unpinned processes share the cores; fragments mostly wait on I/O, so twice as many
-        # workers as cores keeps the cores busy while some wait.
+        # Unpinned processes share the cores.
         m = masters or 2
-        w = workers or max(2, 2 * n)
+        w = workers or WORKERS_PER_CORE * n
         return Layout(ids, m, w, reason=f"{_n(n, 'CPU')}: pinning needs at least "
                       f"{MIN_PINNED_CPUS} (one each for the kernel, the router, two masters and a worker); "
                       "processes are left to the scheduler")
@@ -91,12 +96,12 @@ def plan(cpus: Sequence[int] | int | None = None, masters: int | None = None, wo
     worker_cores = ids[kernel_n + 1 + master_cores_n:]
     assert len(worker_cores) == worker_cores_n >= 1
     m = masters or MASTERS_PER_CORE * master_cores_n
-    w = workers or worker_cores_n
+    w = workers or WORKERS_PER_CORE * worker_cores_n
     notes = []
     if m > MASTERS_PER_CORE * master_cores_n:
         notes.append(f"{m} masters on {master_cores_n} core(s): more than {MASTERS_PER_CORE} share a core")
-    if w > worker_cores_n:
-        notes.append(f"{w} workers on {worker_cores_n} core(s): workers share cores")
+    if w > WORKERS_PER_CORE * worker_cores_n:
+        notes.append(f"{w} workers on {worker_cores_n} core(s): more than {WORKERS_PER_CORE} share a core")
     return Layout(
         ids, m, w, kernel, router,
         master_cpus=tuple((master_cores[(i // MASTERS_PER_CORE) % master_cores_n],) for i in range(m)),
@@ -163,6 +168,8 @@ def _per_core(count: int, cores: int) -> str:
         return "one to a core"
     if count == MASTERS_PER_CORE * cores:
         return "two to a core"
+    if count == WORKERS_PER_CORE * cores:
+        return "four to a core"
     return f"{count} on {cores} core{'s' if cores > 1 else ''}"
 
 

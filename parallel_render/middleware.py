@@ -122,33 +122,58 @@ def stitch_text(current: session.RenderSession, text: str) -> str:
 
 
 def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
-    """Every fragment's HTML (from its worker, or rescued here) and a Server-Timing entry each."""
+    """Every fragment's HTML (from its worker, or rendered here) and a Server-Timing entry each.
+
+    Before waiting, the master takes back its blocks that no worker has started, newest
+    first, and renders them itself while the workers finish theirs: it never waits on a
+    queue for work it could do. The router's queue is first in, first out, so once the
+    newest block still out is with a worker, every older one is too.
+    """
     fragments = current.fragments
-    waited_from = time.monotonic()
+    client = current.client
     deadline = max(f.deadline for f in fragments) + GRACE
-    answers = current.client.collect([f.job_id for f in fragments], deadline)
-    waited = time.monotonic() - waited_from
     html: dict[int, str] = {}
-    timings = []
+    timing: dict[int, str] = {}
+    taken: set[int] = set()
+    # Nested blocks never queue (FLAG_NO_QUEUE): nothing to take back.
+    if not current.nested and conf.get_config()["ADAPTIVE"]:
+        for f in reversed(fragments):
+            outcome = client.withdraw(f.job_id, deadline)
+            if outcome is False:
+                break
+            if outcome is True:
+                taken.add(f.job_id)
+                started = time.perf_counter()
+                html[f.index] = f.node.rescue(f, "taken back: no worker had started it", NOT_RENDERED)
+                ms = (time.perf_counter() - started) * 1000
+                f.node.observe(ms)
+                timing[f.index] = (f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
+                                   f'desc="{f.node.label} master render {ms:.1f}ms: taken back"')
+    waited_from = time.monotonic()
+    answers = client.collect([f.job_id for f in fragments if f.job_id not in taken], deadline)
+    waited = time.monotonic() - waited_from
     for f in fragments:
+        if f.job_id in taken:
+            continue
         answer = answers.get(f.job_id)
         result, why, kind = _result(f, answer)
         if result is not None:
             html[f.index] = result["html"]
             f.node.observe(result["ms"])
             nested = f" +{result['nested']} nested" if result.get("nested") else ""
-            timings.append(
+            timing[f.index] = (
                 f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'
                 f'desc="{f.node.label} pid {result["pid"]} render {result["ms"]:.1f}ms{nested}"'
             )
             continue
         started = time.monotonic()
         html[f.index] = f.node.rescue(f, why, kind)
-        timings.append(
+        timing[f.index] = (
             f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
             f'desc="{f.node.label} master render {(time.monotonic() - started) * 1000:.1f}ms: '
             f'{why[:100].replace(chr(34), chr(39))}"'
         )
+    timings = [timing[f.index] for f in fragments]
     timings.append(f'pr-wait;dur={waited * 1000:.1f};desc="waited for {len(fragments)} fragments"')
     return html, timings
 

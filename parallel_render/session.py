@@ -38,6 +38,8 @@ class RenderSession:
     # a worker that is idle right now, and never past the outer job's own deadline.
     nested: bool = False
     deadline: float | None = None
+    # Expected cost (ms) of the cheap blocks submitted since the last write to the router.
+    deferred_ms: float = 0.0
 
     def placeholder(self, index: int) -> str:
         # Only characters that HTML escaping, JSON encoding and URL-safe contexts leave alone.

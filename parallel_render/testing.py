@@ -26,8 +26,12 @@ SERIAL_HEADER = {"HTTP_X_PARALLEL_RENDER": "serial"}
 
 
 @contextlib.contextmanager
-def parallel_workers(workers: int = 2, env: dict[str, str] | None = None) -> Iterator[LocalCluster]:
+def parallel_workers(
+    workers: int = 2, env: dict[str, str] | None = None, address: str | None = None
+) -> Iterator[LocalCluster]:
     """Start a router and workers on the test databases, and point this process's masters at it.
+
+    address: where the router listens (e.g. "tcp://127.0.0.1:0"); by default a private Unix socket.
 
     The workers are real processes: they open the databases by the names the test run
     created, so those must be reachable from another process (a file for SQLite, not
@@ -45,7 +49,7 @@ def parallel_workers(workers: int = 2, env: dict[str, str] | None = None) -> Ite
             )
         args += ["--db-name", f"{alias}={name}"]
     previous = os.environ.get(conf.ENV_ROUTER)
-    with LocalCluster(workers, env=env, worker_args=args) as cluster:
+    with LocalCluster(workers, address=address, env=env, worker_args=args) as cluster:
         cluster.wait_ready()
         os.environ[conf.ENV_ROUTER] = cluster.address
         conf.get_config.cache_clear()

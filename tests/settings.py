@@ -77,6 +77,9 @@ PARALLEL_RENDER = {
     "TIMEOUT": 5.0,
     "WORKERS": 2,
     "MIN_BLOCK_MS": 0,
+    # Every sendable block goes to a worker, so tests can check where blocks render;
+    # tests/test_dispatch.py covers the adaptive policy production runs.
+    "ADAPTIVE": False,
     "SERVER_TIMING": True,
     "WORKER_CONTEXT_PROCESSORS": ["tests.testapp.context_processors.site_info"],
 }

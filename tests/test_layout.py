@@ -7,7 +7,7 @@ import io
 import pytest
 from django.core.management import call_command
 
-from parallel_render.layout import Layout, plan
+from parallel_render.layout import WORKERS_PER_CORE, Layout, plan
 
 
 def cores(cpu_sets) -> list[int]:
@@ -15,19 +15,20 @@ def cores(cpu_sets) -> list[int]:
 
 
 def check_shape(layout: Layout) -> None:
-    """Every CPU has one job; each worker and the router have a core; masters go two to a core."""
+    """Every CPU has one job; the router has a core; masters go two to a core, workers four."""
     groups = [set(layout.kernel_cpus), set(layout.router_cpus), set(cores(layout.master_cpus)), set(cores(layout.worker_cpus))]
     assert sorted(c for g in groups for c in g) == list(layout.cpus)
     assert len(layout.master_cpus) == layout.masters and len(layout.worker_cpus) == layout.workers
     for core in cores(layout.master_cpus):
         assert sum(1 for cpus in layout.master_cpus if cpus == (core,)) == 2
-    assert len(set(layout.worker_cpus)) == layout.workers
+    for core in cores(layout.worker_cpus):
+        assert sum(1 for cpus in layout.worker_cpus if cpus == (core,)) == WORKERS_PER_CORE
 
 
 def test_32_cores_is_quoras_ultralisk_machine():
     layout = plan(32)
     assert layout.pinned
-    assert (layout.masters, layout.workers) == (6, 27)
+    assert (layout.masters, layout.workers) == (6, 4 * 27)
     assert layout.kernel_cpus == (0,)
     assert layout.router_cpus == (1,)
     assert cores(layout.master_cpus) == [2, 3, 4]
@@ -37,7 +38,7 @@ def test_32_cores_is_quoras_ultralisk_machine():
 
 @pytest.mark.parametrize(
     ("n", "masters", "workers", "kernel", "master_cores"),
-    [(8, 2, 5, 1, 1), (16, 4, 12, 1, 2), (32, 6, 27, 1, 3), (64, 12, 55, 2, 6)],
+    [(8, 2, 20, 1, 1), (16, 4, 48, 1, 2), (32, 6, 108, 1, 3), (64, 12, 220, 2, 6)],
 )
 def test_other_sizes_keep_the_proportions(n, masters, workers, kernel, master_cores):
     layout = plan(n)
@@ -50,7 +51,7 @@ def test_other_sizes_keep_the_proportions(n, masters, workers, kernel, master_co
 def test_2_cores_pins_nothing_and_says_why():
     layout = plan(2)
     assert not layout.pinned
-    assert (layout.masters, layout.workers) == (2, 4)
+    assert (layout.masters, layout.workers) == (2, 8)
     assert layout.for_worker(0) == () and layout.for_master(0) == ()
     assert "pinning needs at least 4" in layout.reason
     assert "no pinning" in layout.describe()

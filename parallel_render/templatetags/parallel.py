@@ -14,7 +14,7 @@ from django.conf import settings
 from django.template import Context, Node, NodeList, TemplateSyntaxError
 from django.template.base import FilterExpression, token_kwargs
 
-from parallel_render import analysis, codec, conf, session, signing
+from parallel_render import analysis, codec, conf, policy, session, signing
 from parallel_render.client import RouterUnavailable
 from parallel_render.fragments import capture_env, engine_alias, render_captured
 
@@ -75,14 +75,14 @@ class ParallelNode(Node):
         current = session.current()
         if current is None:
             return self.render_inline(context)
-        threshold = conf.get_config()["MIN_BLOCK_MS"]
+        config = conf.get_config()
+        threshold = config["MIN_BLOCK_MS"]
         if threshold and self.cost_ms is not None and self.cost_ms < threshold:
             # Cheaper to render here than to send: keep measuring, in case it grows.
-            started = time.perf_counter()
-            html = self.render_inline(context)
-            self.observe((time.perf_counter() - started) * 1000)
-            current.inline.append((self.label, "cheap"))
-            return html
+            return self._render_measured(current, context, "cheap")
+        if config["ADAPTIVE"] and not policy.should_send(current.client.load(), self.cost_ms, current.nested):
+            # No worker would start it soon: rendering it here costs the page less than waiting.
+            return self._render_measured(current, context, "no idle worker")
         reason = self.reason_inline(context, sys._getframe(1))
         if reason is not None:
             return self._inline_because(current, context, reason)
@@ -111,9 +111,13 @@ class ParallelNode(Node):
             timeout = min(timeout, current.deadline - time.monotonic())
             if timeout <= 0.001:
                 return self._inline_because(current, context, "the enclosing block's deadline has passed", warn=False)
+        # A cheap block waits for the page's next blocks, so they share one write (flushed
+        # at the latest when the master starts waiting).
+        defer = self.cost_ms is not None and current.deferred_ms + self.cost_ms < policy.BATCH_MS
+        current.deferred_ms = current.deferred_ms + self.cost_ms if defer else 0.0
         try:
             job_id = current.client.submit(
-                signing.sign(body), timeout, high_priority=current.nested, no_queue=current.nested
+                signing.sign(body), timeout, high_priority=current.nested, no_queue=current.nested, defer=defer
             )
         except RouterUnavailable as exc:
             return self._inline_because(current, context, str(exc), warn=False)
@@ -124,6 +128,13 @@ class ParallelNode(Node):
             session.Pending(index, job_id, self, values, env, context.template, nonce, now, now + timeout, current.nested)
         )
         return current.placeholder(index)
+
+    def _render_measured(self, current: session.RenderSession, context: Context, reason: str) -> str:
+        started = time.perf_counter()
+        html = self.render_inline(context)
+        self.observe((time.perf_counter() - started) * 1000)
+        current.inline.append((self.label, reason))
+        return html
 
     def render_inline(self, context: Context) -> str:
         """Render the block here, exactly as it would render without the plugin."""

@@ -1,0 +1,294 @@
+"""Where blocks render under load: the router's status page, the dispatch policy, and the
+master taking back the blocks no worker has started (with a real router)."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+
+import pytest
+from django.test import Client
+
+from parallel_render import policy
+from parallel_render import protocol as p
+from parallel_render.client import RouterClient, RouterLoad, connect
+from parallel_render.cluster import LocalCluster
+from parallel_render.testing import SERIAL_HEADER, parallel_workers
+from tests.conftest import block_pids, rescued, run_concurrently
+
+
+def load(**fields: int) -> RouterLoad:
+    values = {"workers": 4, "idle": 0, "queued": 0, "in_flight": 4, "service_us": 20_000, "wait_us": 0,
+              "updated_us": 0, "pid": 1, "stopping": 0}
+    values.update(fields)
+    return RouterLoad(**values)
+
+
+# -- the policy ---------------------------------------------------------------------------
+
+
+def test_without_a_status_page_every_block_is_sent():
+    assert policy.should_send(None, None)
+    assert policy.should_send(None, 0.1)
+
+
+def test_an_idle_worker_takes_the_block():
+    assert policy.should_send(load(idle=2, queued=1), None)
+    assert policy.should_send(load(idle=1, queued=0), None, nested=True)
+
+
+def test_no_workers_or_a_stopping_router_renders_here():
+    assert not policy.should_send(load(workers=0, idle=0), 50.0)
+    assert not policy.should_send(load(idle=3, stopping=1), 50.0)
+
+
+def test_a_block_that_would_wait_longer_than_it_takes_renders_here():
+    # 4 workers, 20 ms per job, 3 jobs ahead: this one starts in about (3 + 1) * 20 / 4 = 20 ms.
+    busy = load(queued=3)
+    assert policy.should_send(busy, 30.0)
+    assert not policy.should_send(busy, 10.0)
+    # Unmeasured blocks and nested blocks (which may not queue) never wait behind others.
+    assert not policy.should_send(busy, None)
+    assert not policy.should_send(load(queued=0), 500.0, nested=True)
+
+
+# -- a worker the test controls, on a real router ---------------------------------------------
+
+
+class EchoWorker:
+    """A worker peer that answers each JOB with its payload and records what it was given."""
+
+    def __init__(self, address: str, hold: threading.Event | None = None) -> None:
+        self.sock = connect(p.parse_address(address))
+        self.sock.settimeout(None)
+        self.sock.sendall(p.encode(p.HELLO, payload=bytes([p.ROLE_WORKER])) + p.encode(p.READY))
+        self.hold = hold
+        self.seen: list[bytes] = []
+        self.holding = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        reader = p.FrameReader()
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            for frame in reader.feed(data):
+                if frame.type != p.JOB:
+                    continue
+                self.seen.append(frame.payload)
+                if self.hold is not None:
+                    self.holding.set()
+                    self.hold.wait(10)
+                try:
+                    self.sock.sendall(p.encode(p.RESULT, frame.job_id, frame.payload) + p.encode(p.READY))
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(5)
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def router():
+    with LocalCluster(0) as cluster:
+        yield cluster
+
+
+def test_the_status_page_follows_the_router(router):
+    client = RouterClient(router.address)
+    first = client.load()
+    assert first is not None and first.workers == 0 and first.pid == router.router.pid
+    hold = threading.Event()
+    worker = EchoWorker(router.address, hold)
+    try:
+        wait_for(lambda: client.load().idle == 1)
+        ids = [client.submit(b"job", 5.0) for _ in range(3)]
+        wait_for(lambda: (client.load().queued, client.load().in_flight, client.load().idle) == (2, 1, 0))
+        hold.set()
+        answers = client.collect(ids, time.monotonic() + 5)
+        assert [answers[i].type for i in ids] == [p.RESULT] * 3
+        wait_for(lambda: client.load().service_us > 0 and client.load().queued == 0)
+    finally:
+        hold.set()
+        worker.close()
+        client.close()
+
+
+def test_a_tcp_router_has_no_status_page():
+    with LocalCluster(0, address="tcp://127.0.0.1:0") as cluster:
+        assert RouterClient(cluster.address).load() is None
+
+
+def test_a_queued_job_is_taken_back_and_a_started_one_is_not(router):
+    client = RouterClient(router.address)
+    hold = threading.Event()
+    try:
+        a, b, c = (client.submit(name, 5.0) for name in (b"a", b"b", b"c"))
+        deadline = time.monotonic() + 5
+        assert client.withdraw(c, deadline) is True
+        worker = EchoWorker(router.address, hold)
+        worker.holding.wait(5)
+        assert worker.seen == [b"a"]
+        assert client.withdraw(a, deadline) is False  # with the worker: its answer follows
+        assert client.withdraw(b, deadline) is True
+        hold.set()
+        answers = client.collect([a], deadline)
+        assert answers[a].type == p.RESULT and answers[a].payload == b"a"
+        assert client.withdraw(a, deadline) is None  # answered already
+        time.sleep(0.1)
+        assert worker.seen == [b"a"]  # b and c never reached a worker
+        stats = client.stats()
+        assert (stats["withdrawn"], stats["withdraw_missed"]) == (2, 1)
+    finally:
+        hold.set()
+        client.close()
+
+
+def test_take_back_races_workers_starting_the_same_jobs(router):
+    """Threads sharing one connection submit and at once take back, while two workers take
+    jobs as fast as they can: every job ends exactly once, by a worker or by its master."""
+    workers = [EchoWorker(router.address), EchoWorker(router.address)]
+    client = RouterClient(router.address)
+    taken: list[bytes] = []
+    answered: dict[bytes, bytes] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def master(n: int) -> None:
+        rng = random.Random(n)
+        for i in range(300):
+            name = f"{n}-{i}".encode()
+            ids = {client.submit(name + b"-" + bytes([k + 48]), 5.0, defer=k < 2): name + b"-" + bytes([k + 48])
+                   for k in range(3)}
+            if rng.random() < 0.5:
+                time.sleep(rng.random() / 5000)
+            deadline = time.monotonic() + 5
+            out = []
+            for job_id in sorted(ids, reverse=True):
+                outcome = client.withdraw(job_id, deadline)
+                if outcome is True:
+                    out.append(ids[job_id])
+            rest = [job_id for job_id in ids if ids[job_id] not in out]
+            got = client.collect(rest, deadline)
+            with lock:
+                taken.extend(out)
+                for job_id in rest:
+                    answer = got.get(job_id)
+                    if answer is None or answer.type != p.RESULT:
+                        errors.append(f"{ids[job_id]!r}: {answer}")
+                    else:
+                        answered[ids[job_id]] = answer.payload
+
+    threads = [threading.Thread(target=master, args=(n,)) for n in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        time.sleep(0.2)
+        seen = [job for w in workers for job in w.seen]
+        assert not errors, errors[:5]
+        assert all(payload == job for job, payload in answered.items())
+        assert len(seen) == len(set(seen)) == len(answered), "a job reached a worker twice or was lost"
+        assert not set(seen) & set(taken), "a job was taken back and rendered by a worker too"
+        assert len(taken) + len(answered) == 4 * 300 * 3
+        # Both outcomes happened many times, so the race was really run.
+        assert len(taken) > 50 and len(answered) > 50, (len(taken), len(answered))
+        stats = client.stats()
+        assert stats["withdrawn"] == len(taken)
+        assert stats["jobs_live"] == 0 or stats["queued"] == 0
+    finally:
+        client.close()
+        for w in workers:
+            w.close()
+
+
+# -- whole pages ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def adaptive(settings):
+    """The policy production runs (the suite's settings send every block, to check where they render)."""
+    settings.PARALLEL_RENDER = {**settings.PARALLEL_RENDER, "ADAPTIVE": True}
+
+
+@pytest.fixture
+def tcp_worker(adaptive, django_db_setup, django_db_blocker, transactional_db):
+    # A TCP router publishes no status page, so the master sends every block and takes back
+    # at the end what the only worker has not started.
+    with parallel_workers(1, address="tcp://127.0.0.1:0") as cluster:
+        yield cluster
+
+
+def test_the_master_takes_back_what_its_worker_has_not_started(tcp_worker):
+    client = Client()
+    serial = client.get("/p/takeback/?sleep=0.15", **SERIAL_HEADER)
+    response = client.get("/p/takeback/?sleep=0.15")
+    assert response.content == serial.content
+    for letter in "abcd":
+        assert response.content.count(f"<div>{letter} ".encode()) == 1
+    how = rescued(response)
+    assert how and all(reason == "taken back" for reason in how), how
+    assert block_pids(response) == [tcp_worker.worker_pids[0]] * (4 - len(how))
+    assert 1 <= len(how) <= 3
+
+
+def test_a_busy_node_renders_blocks_in_the_master_without_sending_them(parallel, adaptive):
+    """With the status page, a block no idle worker would take renders in place; the page is
+    the serial page and every block is rendered exactly once."""
+    client = Client()
+    serial = client.get("/p/takeback/?sleep=0.1", **SERIAL_HEADER)
+    router = RouterClient(parallel.address)
+    before = router.stats()
+    results: list[bytes] = []
+
+    def fetch() -> None:
+        results.append(Client().get("/p/takeback/?sleep=0.1").content)
+
+    threads = [threading.Thread(target=fetch) for _ in range(6)]  # 24 blocks, 2 workers
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    after = router.stats()
+    assert results == [serial.content] * 6
+    sent = after["submitted"] - before["submitted"]
+    by_workers = after["completed"] - before["completed"]
+    # Some blocks went to the workers; most never waited in the router's queue.
+    assert by_workers >= 2
+    assert sent < 24, sent
+
+
+def test_no_page_gets_another_requests_blocks_while_masters_take_blocks_back(parallel, adaptive):
+    def fetch(path: str) -> tuple[str, str]:
+        response = Client().get(path)
+        return response.content.decode(), response.headers.get("Server-Timing", "")
+
+    assert not run_concurrently(fetch, clients=12, rounds=3, n=8)[:2]
+    assert run_concurrently.pids <= set(parallel.worker_pids)
+
+
+def test_without_adaptive_every_block_waits_for_a_worker(tcp_worker, settings):
+    settings.PARALLEL_RENDER = {**settings.PARALLEL_RENDER, "ADAPTIVE": False}
+    response = Client().get("/p/takeback/?sleep=0.05")
+    assert not rescued(response)
+    assert block_pids(response) == [tcp_worker.worker_pids[0]] * 4
