@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import bench_views, views
 
 app_name = "qa"
 
@@ -8,4 +8,6 @@ urlpatterns = [
     path("", views.index, name="index"),
     path("q/<int:pk>/", views.question_detail, name="question"),
     path("trivial/", views.trivial, name="trivial"),
+    path("bench/io/", bench_views.io_page, name="bench-io"),
+    path("bench/cpu/", bench_views.cpu_page, name="bench-cpu"),
 ]
