@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-BENCHES = ("page", "router", "capacity", "ab", "overhead")
+BENCHES = ("page", "router", "capacity", "ab", "overhead", "load")
 
 
 def _modules() -> dict[str, Any]:

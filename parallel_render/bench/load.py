@@ -1,0 +1,792 @@
+"""A real node under closed-loop load: the same pages rendered serially and in parallel, interleaved.
+
+The bench starts `manage.py runparallel` on a free port (or uses `--url`), then for each page
+(I/O-bound, CPU-bound, mixed) and each concurrency level keeps that many connections busy,
+each sending its next request as soon as the previous one is answered, with `wrk` when it is
+installed or with a built-in generator (one keep-alive connection per thread). Serial requests
+carry the serial header, so the same node renders them without workers.
+
+Per page and level: a plain GET in each mode checks the page (200, parallel and serial bodies
+equal once pids are blanked, the blocks present and sent to workers); a warm-up slice in each
+mode; then `--slices` slices per mode of `--duration / --slices` seconds, alternating which
+mode goes first, so drift on the machine hits both alike. Throughput counts the 200s; the
+latency percentiles are over every request of the mode's slices together.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+from parallel_render.bench.capacity import _Fetcher
+from parallel_render.bench.stats import summary, table
+
+HELP = "a real node under load: throughput and p50/p99, serial vs parallel interleaved, per concurrency level"
+
+MODES = ("serial", "parallel")
+LEVELS = (1, 2, 4, 8, 16, 32)
+# Parallel must serve at least this share of serial's requests/s, within this much of its p99.
+TARGET_THROUGHPUT = 0.95
+TARGET_P99 = 1.05
+WRK_MARK = "PARALLEL_BENCH_LOAD "
+PID = re.compile(rb"pid \d+")
+WORKER_BLOCK = re.compile(r'pid \d+ render ([\d.]+)ms')
+RESCUED_BLOCK = re.compile(r"master render [\d.]+ms")
+
+
+@dataclass(frozen=True)
+class Page:
+    name: str
+    path: str
+    marker: str = ""  # counted in the body: one per block
+    blocks: int | None = None  # expected markers; None: as many as the serial page has
+    speedup_target: float | None = None  # p50 serial/parallel wanted at concurrency 1
+
+
+def _known(name: str, path: str | None = None) -> Page:
+    if name == "io":
+        path = path or "/bench/io/?blocks=6&ms=20"
+        return Page("io", path, 'data-bench-block="', _query_int(path, "blocks", 6), 2.5)
+    if name == "cpu":
+        path = path or "/bench/cpu/?blocks=4&ms=10"
+        return Page("cpu", path, 'data-bench-block="', _query_int(path, "blocks", 4), 1.5)
+    if name == "mixed":
+        return Page("mixed", path or "/q/1/?latency=10", 'data-block="')
+    if path is None:
+        raise ValueError(f"unknown page {name!r}: use io, cpu, mixed or NAME=/path")
+    return Page(name, path)
+
+
+def _query_int(path: str, name: str, default: int) -> int:
+    values = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get(name)
+    try:
+        return int(values[0]) if values else default
+    except ValueError:
+        return default
+
+
+def parse_pages(spec: str) -> list[Page]:
+    """`io,cpu,mixed`; an entry NAME=/path measures another page (io/cpu/mixed keep their checks)."""
+    pages = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        name, _, path = entry.partition("=")
+        if path and not path.startswith("/"):
+            raise ValueError(f"page {name!r}: the path must start with /, not {path!r}")
+        pages.append(_known(name.strip(), path or None))
+    if not pages:
+        raise ValueError("no pages to measure")
+    return pages
+
+
+def parse_levels(spec: str) -> list[int]:
+    try:
+        levels = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--levels takes numbers separated by commas, not {spec!r}") from None
+    if not levels or min(levels) < 1:
+        raise ValueError("--levels needs at least one concurrency, each at least 1")
+    return levels
+
+
+# -- load generators -----------------------------------------------------------------------
+
+
+@dataclass
+class Slice:
+    """One timed run of one mode: what was answered, and how fast."""
+
+    mode: str
+    seconds: float
+    ok: int = 0
+    non200: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    first_error: str = ""
+
+
+def builtin_slice(url: str, concurrency: int, seconds: float, headers: dict[str, str], mode: str) -> Slice:
+    """Closed loop: `concurrency` threads, each on its own keep-alive connection, for `seconds`."""
+    result = Slice(mode, 0.0)
+    lock = threading.Lock()
+    end = time.perf_counter() + seconds
+
+    def client() -> None:
+        fetcher = _Fetcher(url, headers)
+        mine: list[float] = []
+        ok = non200 = errors = 0
+        first = ""
+        while time.perf_counter() < end:
+            started = time.perf_counter()
+            try:
+                status = fetcher.fetch()
+            except Exception as exc:
+                errors += 1
+                first = first or f"{type(exc).__name__}: {exc}"
+                time.sleep(0.05)  # a refused connection must not spin
+                continue
+            if status == 200:
+                ok += 1
+                mine.append((time.perf_counter() - started) * 1000)
+            else:
+                non200 += 1
+                first = first or f"HTTP {status}"
+        if fetcher.conn is not None:
+            fetcher.conn.close()
+        with lock:
+            result.latencies_ms.extend(mine)
+            result.ok += ok
+            result.non200 += non200
+            result.errors += errors
+            result.first_error = result.first_error or first
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# `wrk ... -s SCRIPT URL -- MODE HEADER`: the serial mode sends HEADER: serial. done() prints
+# one JSON line with the counts and every distinct latency (µs) with how often it was seen,
+# so slices can be merged exactly.
+WRK_SCRIPT = """\
+-- written by parallel_render.bench.load
+function init(args)
+  if args[1] == "serial" then wrk.headers[args[2]] = "serial" end
+end
+
+function done(summary, latency, requests)
+  local seen = {}
+  for i = 1, #latency do
+    local value, count = latency(i)
+    seen[#seen + 1] = string.format("[%d,%d]", value, count)
+  end
+  local e = summary.errors
+  io.write(string.format(
+    '%s{"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"latency_us":[%s]}\\n',
+    "MARK", summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), table.concat(seen, ",")))
+end
+""".replace("MARK", WRK_MARK)
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """The JSON line our script's done() printed among wrk's own output."""
+    import orjson
+
+    for line in output.splitlines():
+        if line.startswith(WRK_MARK):
+            return orjson.loads(line[len(WRK_MARK):])
+    raise ValueError("wrk printed no result line (was the script's done() run?):\n" + output[-2000:])
+
+
+def wrk_result_slice(data: dict[str, Any], mode: str) -> Slice:
+    errors = data["errors"]
+    status_errors = errors["status"]  # wrk counts answers with a status above 399
+    latencies = [value / 1000 for value, count in data["latency_us"] for _ in range(count)]
+    return Slice(
+        mode, data["duration_us"] / 1e6, ok=max(0, data["requests"] - status_errors), non200=status_errors,
+        errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
+        latencies_ms=latencies,
+        first_error=", ".join(f"{k} {v}" for k, v in errors.items() if v),
+    )
+
+
+class Wrk:
+    """Runs wrk with our Lua script, one process per slice."""
+
+    def __init__(self, binary: str, workdir: str, header: str, timeout: float) -> None:
+        self.binary = binary
+        self.script = os.path.join(workdir, "load.lua")
+        with open(self.script, "w") as f:
+            f.write(WRK_SCRIPT)
+        self.header = header
+        self.timeout = timeout
+        self.threads_cap = max(1, min(4, (os.cpu_count() or 2) // 2))  # leave the cores to the node
+
+    def threads(self, concurrency: int) -> int:
+        return min(concurrency, self.threads_cap)
+
+    def slice(self, url: str, concurrency: int, seconds: float, mode: str) -> Slice:
+        cmd = [self.binary, "-t", str(self.threads(concurrency)), "-c", str(concurrency),
+               "-d", f"{max(1, round(seconds))}s", "--timeout", f"{max(1, round(self.timeout))}s", "--latency",
+               "-s", self.script, url, "--", mode, self.header]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + self.timeout + 30)
+        if done.returncode != 0:
+            raise RuntimeError(f"wrk exited with {done.returncode}: {done.stderr.strip() or done.stdout[-500:]}")
+        return wrk_result_slice(parse_wrk(done.stdout), mode)
+
+
+def wrk_version(binary: str) -> str:
+    done = subprocess.run([binary, "-v"], capture_output=True, text=True)
+    match = re.search(r"wrk (\S+)", done.stdout + done.stderr)
+    return match.group(1) if match else "?"
+
+
+# -- the node --------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    """`manage.py runparallel` on a free loopback port, as a child process, with its process tree."""
+
+    def __init__(self, args: Sequence[str], workdir: str) -> None:
+        from parallel_render import conf
+        from parallel_render.cluster import child_env
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = list(args)
+        self.log_path = os.path.join(workdir, "node.log")
+        env = child_env()
+        env.pop(conf.ENV_ROUTER, None)  # the node starts its own router
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "django", "runparallel", "--bind", f"127.0.0.1:{self.port}", *self.args],
+            env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        self.seen: set[int] = set()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def tree(self) -> dict[str, list[int]]:
+        """Pids of the node's router, workers and masters (gunicorn workers), as running now."""
+        import psutil
+
+        kinds: dict[str, list[int]] = {"router": [], "workers": [], "masters": []}
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return kinds
+        for child in children:
+            self.seen.add(child.pid)
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if cmd and "fastrouter" in os.path.basename(cmd[0]):
+                kinds["router"].append(child.pid)
+            elif "parallel_worker" in cmd:
+                kinds["workers"].append(child.pid)
+            else:
+                kinds["masters"].append(child.pid)
+        return kinds
+
+    def wait_serving(self, probe: Callable[[], bool], timeout: float = 90.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"runparallel exited with {self.proc.returncode}:\n{self.log_tail()}")
+            self.tree()
+            try:
+                if probe():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"the node at {self.url} did not serve pages rendered by its workers "
+                           f"within {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, grace: float = 60.0) -> list[int]:
+        """SIGTERM (the node drains), then SIGKILL past `grace`; return processes that outlived it."""
+        import psutil
+
+        from parallel_render.process import send, wait_all
+
+        self.tree()
+        send(self.proc, signal.SIGTERM)
+        wait_all([self.proc], grace)
+        self._log.close()
+        end = time.monotonic() + 5.0
+        while True:
+            alive = [pid for pid in self.seen if _running(pid)]
+            if not alive or time.monotonic() > end:
+                break
+            time.sleep(0.1)
+        for pid in alive:  # ours, and they should be gone: do not leave them behind
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+        return alive
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# -- checking the pages ----------------------------------------------------------------------
+
+
+def _get(url: str, headers: dict[str, str], timeout: float = 60.0) -> tuple[int, bytes, str]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read(), response.headers.get("Server-Timing", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get("Server-Timing", "")
+
+
+def check_page(base: str, page: Page, serial_headers: dict[str, str], attempts: int = 2) -> dict[str, Any]:
+    """One GET in each mode: both 200, the same body once pids are blanked, the blocks there and offloaded."""
+    url = base + page.path
+    for attempt in range(attempts):
+        p_status, p_body, timing = _get(url, {})
+        s_status, s_body, _ = _get(url, serial_headers)
+        problems = []
+        if p_status != 200 or s_status != 200:
+            problems.append(f"HTTP {p_status} parallel, {s_status} serial")
+        same = PID.sub(b"pid N", p_body) == PID.sub(b"pid N", s_body)
+        if not same:
+            problems.append("parallel and serial bodies differ")
+        markers = p_body.count(page.marker.encode()) if page.marker else None
+        expected = page.blocks if page.blocks is not None else (s_body.count(page.marker.encode()) if page.marker else None)
+        if markers is not None and (markers != expected or markers == 0):
+            problems.append(f"{markers} blocks in the parallel page, expected {expected}")
+        rendered = [float(ms) for ms in WORKER_BLOCK.findall(timing)]
+        check = {
+            "ok": not problems, "problems": problems, "status": [s_status, p_status], "same_body": same,
+            "blocks": markers, "offloaded": len(rendered), "rescued": len(RESCUED_BLOCK.findall(timing)),
+            "block_ms_p50": summary(rendered)["p50"] if rendered else None, "server_timing": bool(timing),
+        }
+        if check["ok"] or attempt == attempts - 1:
+            return check
+        time.sleep(0.2)  # e.g. a "3 minutes ago" that turned over between the two GETs
+    raise AssertionError("unreachable")
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def combine(slices: list[Slice]) -> dict[str, Any]:
+    seconds = sum(s.seconds for s in slices)
+    ok = sum(s.ok for s in slices)
+    latencies = [ms for s in slices for ms in s.latencies_ms]
+    return {
+        "requests": ok, "seconds": seconds, "rps": ok / seconds if seconds > 0 else 0.0,
+        "non200": sum(s.non200 for s in slices), "errors": sum(s.errors for s in slices),
+        "first_error": next((s.first_error for s in slices if s.first_error), ""),
+        **{k: v for k, v in summary(latencies).items() if k != "n"},
+        "slices": [{"seconds": s.seconds, "rps": s.ok / s.seconds if s.seconds > 0 else 0.0,
+                    "p50": summary(s.latencies_ms)["p50"], "errors": s.errors + s.non200} for s in slices],
+    }
+
+
+def judge(page: Page, concurrency: int, serial: dict[str, Any], parallel: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """The ratios, and which targets this level misses."""
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b and a == a and b == b else float("nan")
+
+    ratios = {
+        "throughput": ratio(parallel["rps"], serial["rps"]),
+        "speedup_p50": ratio(serial["p50"], parallel["p50"]),
+        "p99": ratio(parallel["p99"], serial["p99"]),
+    }
+    missed = []
+    if not ratios["throughput"] >= TARGET_THROUGHPUT:
+        missed.append(f"req/s {ratios['throughput']:.2f}x < {TARGET_THROUGHPUT}x")
+    if not ratios["p99"] <= TARGET_P99:
+        missed.append(f"p99 {ratios['p99']:.2f}x > {TARGET_P99}x")
+    if concurrency == 1 and page.speedup_target and not ratios["speedup_p50"] >= page.speedup_target:
+        missed.append(f"speed-up {ratios['speedup_p50']:.2f}x < {page.speedup_target}x")
+    if serial["errors"] + serial["non200"] + parallel["errors"] + parallel["non200"]:
+        missed.append("errors")
+    return ratios, missed
+
+
+class LoadBench:
+    """Drives a node at `base` through every page and level; `run()` returns the results."""
+
+    def __init__(
+        self, base: str, pages: list[Page], levels: list[int], duration: float, slices: int, warmup: float,
+        slice_fn: Callable[[str, int, float, str], Slice], serial_header: str, log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.base = base.rstrip("/")
+        self.pages = pages
+        self.levels = levels
+        self.duration = duration
+        self.slices = slices
+        self.warmup = warmup
+        self.slice_fn = slice_fn
+        self.serial_headers = {serial_header: "serial"}
+        self.log = log or (lambda line: None)
+
+    def preflight(self) -> None:
+        """Every page answers 200 in both modes before any time is spent measuring."""
+        for page in self.pages:
+            check = check_page(self.base, page, self.serial_headers)
+            if check["status"] != [200, 200]:
+                hint = (" The mixed page is the demo's question page: prepare the demo database with "
+                        "`python manage.py migrate && python manage.py seed_demo` (as scripts/demo.sh does)."
+                        if page.name == "mixed" else "")
+                raise RuntimeError(f"page {page.name} ({self.base}{page.path}) answered HTTP {check['status'][0]} "
+                                   f"serially and {check['status'][1]} in parallel.{hint}")
+
+    def run(self) -> list[dict[str, Any]]:
+        self.preflight()
+        out = []
+        for page in self.pages:
+            levels = []
+            for n, concurrency in enumerate(self.levels):
+                levels.append(self.level(page, concurrency, n))
+            out.append({"name": page.name, "path": page.path, "blocks": page.blocks,
+                        "speedup_target": page.speedup_target, "levels": levels})
+        return out
+
+    def level(self, page: Page, concurrency: int, n: int) -> dict[str, Any]:
+        url = self.base + page.path
+        check = check_page(self.base, page, self.serial_headers)
+        if self.warmup > 0:
+            for mode in ("parallel", "serial"):
+                self.slice_fn(url, concurrency, self.warmup / 2, mode)
+        taken: dict[str, list[Slice]] = {mode: [] for mode in MODES}
+        for k in range(self.slices):
+            # Alternate which mode goes first, from level to level too.
+            order = MODES if (k + n) % 2 == 0 else MODES[::-1]
+            for mode in order:
+                taken[mode].append(self.slice_fn(url, concurrency, self.duration / self.slices, mode))
+        serial, parallel = combine(taken["serial"]), combine(taken["parallel"])
+        ratios, missed = judge(page, concurrency, serial, parallel)
+        if not check["ok"]:
+            missed.append("check: " + "; ".join(check["problems"]))
+        self.log(f"  {page.name} c={concurrency}: serial {serial['rps']:.1f} req/s p99 {serial['p99']:.0f} ms, "
+                 f"parallel {parallel['rps']:.1f} req/s p99 {parallel['p99']:.0f} ms"
+                 + (f"  [{'; '.join(missed)}]" if missed else ""))
+        return {"concurrency": concurrency, "serial": serial, "parallel": parallel, "ratios": ratios,
+                "missed": missed, "check": check}
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def format_result(result: dict[str, Any]) -> str:
+    node, gen = result["node"], result["generator"]
+    out = [f"node: {node['description']}"]
+    if node.get("layout"):
+        out.append(f"layout: {node['layout']}")
+    out.append(f"generator: {gen['description']}; closed loop; per level and mode {gen['slices']} slices of "
+               f"{gen['slice_seconds']:g} s, interleaved, after a {gen['warmup']:g} s warm-up")
+    if result.get("debug"):
+        out.append("warning: the node runs with DEBUG on (for the demo site: DEMO_DEBUG=0)")
+    for page in result["pages"]:
+        first = page["levels"][0]["check"] if page["levels"] else {}
+        block_ms = first.get("block_ms_p50")
+        out += ["", f"page {page['name']}: {page['path']} ({first.get('blocks')} blocks, {first.get('offloaded')} sent to "
+                    f"workers at idle" + (f", {block_ms:.1f} ms each" if block_ms else "") + ")"]
+        rows = []
+        for lv in page["levels"]:
+            s, p, r = lv["serial"], lv["parallel"], lv["ratios"]
+            rows.append([lv["concurrency"], s["rps"], p["rps"], f"{r['throughput']:.2f}x", s["p50"], p["p50"],
+                         f"{r['speedup_p50']:.2f}x", s["p99"], p["p99"], f"{r['p99']:.2f}x",
+                         f"{s['errors'] + s['non200']}/{p['errors'] + p['non200']}",
+                         "MISS: " + "; ".join(lv["missed"]) if lv["missed"] else "ok"])
+        out.append(table(["conc", "serial req/s", "parallel req/s", "par/ser req/s", "serial p50 ms", "parallel p50 ms",
+                          "speed-up p50", "serial p99 ms", "parallel p99 ms", "par/ser p99", "errors s/p", "targets"], rows))
+        met = sum(1 for lv in page["levels"] if not lv["missed"])
+        out.append(f"targets met at {met} of {len(page['levels'])} levels")
+    speedups = ", ".join(f"{p['name']} {p['speedup_target']}x" for p in result["pages"] if p["speedup_target"])
+    out += ["", f"targets: parallel req/s >= {TARGET_THROUGHPUT}x serial and p99 <= {TARGET_P99}x serial at every level"
+                + (f"; p50 speed-up at concurrency 1 >= {speedups}" if speedups else "") + "; no errors"]
+    if result.get("plot"):
+        out.append(f"plot: {result['plot']}")
+    out.append(f"reproduce: {result['reproduce']}")
+    return "\n".join(out)
+
+
+PLOT_COLORS = {"serial": "#f58518", "parallel": "#4c78a8"}
+
+
+def line_chart(x: float, y: float, w: float, h: float, title: str, labels: Sequence[str],
+               series: dict[str, Sequence[float]], colors: dict[str, str], marked: Sequence[bool] = ()) -> list[str]:
+    """SVG elements of one line chart at (x, y): evenly spaced categories, y from 0, 5 grid lines.
+
+    `marked[i]` rings the last series' point i in red (a missed target).
+    """
+    left, bottom, top = 48, 28, 22
+    plot_w, plot_h = w - left - 12, h - bottom - top
+    finite = [v for values in series.values() for v in values if v == v]
+    tick = _nice_step((max(finite) if finite else 0.0) * 1.05 / 5)
+    peak = tick * 5
+    step = plot_w / max(1, len(labels) - 1) if len(labels) > 1 else 0.0
+
+    def px(i: int) -> float:
+        return x + left + (i * step if len(labels) > 1 else plot_w / 2)
+
+    def py(v: float) -> float:
+        return y + top + plot_h - plot_h * v / peak
+
+    parts = [f'<text x="{x + left + plot_w / 2:.1f}" y="{y + 14:.1f}" text-anchor="middle" font-size="13">{escape(title)}</text>']
+    for i in range(6):
+        value = tick * i
+        gy = py(value)
+        parts.append(f'<line x1="{x + left}" y1="{gy:.1f}" x2="{x + left + plot_w:.1f}" y2="{gy:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{x + left - 5}" y="{gy + 4:.1f}" text-anchor="end" font-size="10">{value:g}</text>')
+    for i, label in enumerate(labels):
+        parts.append(f'<text x="{px(i):.1f}" y="{y + top + plot_h + 14:.1f}" text-anchor="middle" font-size="10">{escape(label)}</text>')
+    names = list(series)
+    for name in names:
+        points = [(px(i), py(v)) for i, v in enumerate(series[name]) if v == v]
+        color = colors[name]
+        if len(points) > 1:
+            path = " ".join(f"{a:.1f},{b:.1f}" for a, b in points)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in points]
+    if names:
+        for i, v in enumerate(series[names[-1]]):
+            if i < len(marked) and marked[i] and v == v:
+                parts.append(f'<circle cx="{px(i):.1f}" cy="{py(v):.1f}" r="6" fill="none" stroke="#d62728" stroke-width="1.5"/>')
+    return parts
+
+
+def _nice_step(raw: float) -> float:
+    """The smallest 1, 2 or 5 times a power of ten that is at least `raw`."""
+    if not raw > 0:
+        return 1.0
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+
+
+def svg_plot(result: dict[str, Any]) -> str:
+    """One column per page: requests/s on top, p99 below, against concurrency, both modes."""
+    pages = result["pages"]
+    col_w, chart_h, head = 330, 210, 56
+    width, height = max(1, len(pages)) * col_w + 20, head + 2 * chart_h + 30
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="15">{escape(result["title"])}</text>',
+    ]
+    for k, mode in enumerate(MODES):
+        lx = 20 + k * 110
+        parts.append(f'<line x1="{lx}" y1="38" x2="{lx + 22}" y2="38" stroke="{PLOT_COLORS[mode]}" stroke-width="2"/>')
+        parts.append(f'<text x="{lx + 28}" y="42">{mode}</text>')
+    parts.append('<circle cx="250" cy="38" r="6" fill="none" stroke="#d62728" stroke-width="1.5"/>'
+                 '<text x="262" y="42">target missed</text>')
+    for c, page in enumerate(pages):
+        labels = [str(lv["concurrency"]) for lv in page["levels"]]
+        marked = [bool(lv["missed"]) for lv in page["levels"]]
+        for row, (metric, unit) in enumerate((("rps", "req/s"), ("p99", "p99 ms"))):
+            series = {mode: [lv[mode][metric] for lv in page["levels"]] for mode in MODES}
+            parts += line_chart(10 + c * col_w, head + row * chart_h, col_w, chart_h,
+                                f"{page['name']}: {unit}", labels, series, PLOT_COLORS, marked)
+        parts.append(f'<text x="{10 + c * col_w + col_w / 2:.1f}" y="{height - 8}" text-anchor="middle" font-size="11">'
+                     f'concurrency ({escape(page["path"])})</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def default_plot_path() -> str:
+    """docs/load.svg when run from the repository, else a file in the temp directory."""
+    cwd = Path.cwd()
+    if (cwd / "docs").is_dir() and (cwd / "parallel_render").is_dir():
+        return str(cwd / "docs" / "load.svg")
+    return os.path.join(tempfile.gettempdir(), f"parallel_bench_load_{os.getpid()}.svg")
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--url", default=None, help="base http:// URL of a running node (default: start one on a free port)")
+    parser.add_argument("--pages", default="io,cpu,mixed", help="io, cpu, mixed or NAME=/path, comma-separated (default io,cpu,mixed)")
+    parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrency levels (default 1,2,4,8,16,32)")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds each mode is measured per page and level (default 6)")
+    parser.add_argument("--slices", type=int, default=3, help="slices per mode the duration is cut into, interleaved (default 3)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per page and level, both modes (default 1)")
+    parser.add_argument("--generator", choices=("auto", "wrk", "builtin"), default="auto", help="wrk when installed (auto), or built-in threads")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds a request may take before it counts as an error (default 10)")
+    parser.add_argument("--masters", type=int, default=None, help="passed to runparallel")
+    parser.add_argument("--workers", type=int, default=None, help="passed to runparallel")
+    parser.add_argument("--threads", type=int, default=None, help="passed to runparallel")
+    parser.add_argument("--no-affinity", action="store_true", help="passed to runparallel")
+    parser.add_argument("--plot", default=None, help="write the SVG here (default docs/load.svg in the repository, else a temp file)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _reproduce(options: dict[str, Any], generator: str, plot: str) -> str:
+    parts = ["python manage.py parallel_bench load", f"--pages {options['pages']}", f"--levels {options['levels']}",
+             f"--duration {options['duration']:g}", f"--slices {options['slices']}", f"--warmup {options['warmup']:g}",
+             f"--generator {generator}"]
+    if options["url"]:
+        parts.append(f"--url {options['url']}")
+    for name in ("masters", "workers", "threads"):
+        if options[name]:
+            parts.append(f"--{name} {options[name]}")
+    if options["no_affinity"]:
+        parts.append("--no-affinity")
+    parts.append(f"--plot {plot}")
+    return " ".join(parts)
+
+
+def handle(options: dict[str, Any], stdout: Any) -> None:
+    import orjson
+    from django.conf import settings
+    from django.core.management.base import CommandError
+
+    from parallel_render import conf
+
+    try:
+        pages, levels = parse_pages(options["pages"]), parse_levels(options["levels"])
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    if options["duration"] <= 0 or options["slices"] < 1 or options["warmup"] < 0 or options["timeout"] <= 0:
+        raise CommandError("--duration and --timeout must be positive, --slices at least 1, --warmup not negative")
+    for name in ("masters", "workers", "threads"):
+        if options[name] is not None and options[name] < 1:
+            raise CommandError(f"--{name} must be at least 1")
+    url = options["url"]
+    if url and not url.startswith("http://"):
+        raise CommandError("--url takes the http:// base URL of a running node, e.g. http://127.0.0.1:8000")
+    if url and (options["masters"] or options["workers"] or options["threads"] or options["no_affinity"]):
+        raise CommandError("--masters, --workers, --threads and --no-affinity shape the node the bench starts; "
+                           "with --url the running node keeps its own")
+
+    generator = options["generator"]
+    wrk_binary = shutil.which("wrk")
+    if generator == "wrk" and not wrk_binary:
+        raise CommandError("wrk is not installed: `apt-get install -y wrk`, or use --generator builtin")
+    if generator == "auto":
+        generator = "wrk" if wrk_binary else "builtin"
+
+    header = conf.get_config()["SERIAL_HEADER"] or "X-Parallel-Render"
+    plot = options["plot"] or default_plot_path()
+    json_out = options["json"]
+
+    def log(line: str) -> None:
+        (sys.stderr if json_out else stdout).write(line + ("\n" if json_out else ""))
+
+    workdir = tempfile.mkdtemp(prefix="parallel-bench-load-")
+    node: Node | None = None
+    orphans: list[int] = []
+    failed = True
+    try:
+        if generator == "wrk":
+            assert wrk_binary is not None
+            wrk = Wrk(wrk_binary, workdir, header, options["timeout"])
+            slice_fn = wrk.slice
+            gen_desc = f"wrk {wrk_version(wrk_binary)} (up to {wrk.threads_cap} threads, --timeout {options['timeout']:g}s)"
+            slice_seconds = float(max(1, round(options["duration"] / options["slices"])))
+        else:
+            headers = {"serial": {header: "serial"}, "parallel": {}}
+
+            def slice_fn(u: str, c: int, s: float, mode: str) -> Slice:
+                return builtin_slice(u, c, s, headers[mode], mode)
+
+            gen_desc = "built-in (one thread and keep-alive connection per client)"
+            slice_seconds = options["duration"] / options["slices"]
+        node_info: dict[str, Any] = {"started": False}
+        if url:
+            base = url.rstrip("/")
+            node_info.update(url=base, description=f"{base} (already running; its layout is its own)")
+        else:
+            args = []
+            for name in ("masters", "workers", "threads"):
+                if options[name]:
+                    args += [f"--{name}", str(options[name])]
+            if options["no_affinity"]:
+                args.append("--no-affinity")
+            total = len(pages) * len(levels) * (2 * slice_seconds * options["slices"] + options["warmup"])
+            log(f"starting a node (runparallel {' '.join(args)}); the run takes about {total / 60:.1f} min")
+            node = Node(args, workdir)
+            base = node.url
+            first = Page("probe", pages[0].path)
+            node.wait_serving(lambda: _serves(base, first))
+            node_info = _describe_node(node, options)
+        bench = LoadBench(base, pages, levels, options["duration"], options["slices"], options["warmup"], slice_fn, header, log)
+        results = bench.run()
+        if node is not None:
+            node_info["tree_at_end"] = {k: len(v) for k, v in node.tree().items()}
+        failed = False
+    except RuntimeError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        if node is not None:
+            orphans = node.stop()
+            if failed:
+                log(f"node log: {node.log_path}")
+        if not failed or node is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    result = {
+        "title": f"{'/'.join(p.name for p in pages)} pages under load: {node_info.get('short', base)}, {generator}",
+        "node": {**node_info, "orphans": orphans, "pids": sorted(node.seen) if node else []},
+        "generator": {"name": generator, "description": gen_desc, "slices": options["slices"],
+                      "slice_seconds": slice_seconds, "warmup": options["warmup"]},
+        "debug": bool(settings.DEBUG), "levels": levels, "pages": results, "plot": plot,
+        "reproduce": _reproduce(options, generator, plot),
+    }
+    Path(plot).parent.mkdir(parents=True, exist_ok=True)
+    with open(plot, "w") as f:
+        f.write(svg_plot(result))
+    if orphans:
+        log(f"warning: {len(orphans)} processes of the node outlived it and were killed: {orphans}")
+    if json_out:
+        stdout.write(orjson.dumps(result).decode())
+    else:
+        stdout.write(format_result(result))
+
+
+def _serves(base: str, page: Page) -> bool:
+    """The page answers 200 and, where Server-Timing says so, some block came from a worker."""
+    status, _body, timing = _get(base + page.path, {}, timeout=10)
+    return status == 200 and (not timing or bool(WORKER_BLOCK.search(timing)))
+
+
+def _describe_node(node: Node, options: dict[str, Any]) -> dict[str, Any]:
+    from parallel_render import gunicorn_conf
+    from parallel_render.node import NodeOptions, node_layout
+
+    tree = node.tree()
+    threads = options["threads"] or gunicorn_conf.threads
+    layout = node_layout(options["masters"], NodeOptions(workers=options["workers"], affinity=not options["no_affinity"]))
+    short = f"{len(tree['masters'])} masters x {threads} threads, {len(tree['workers'])} workers"
+    return {
+        "started": True, "url": node.url, "masters": len(tree["masters"]), "threads": threads,
+        "workers": len(tree["workers"]), "routers": len(tree["router"]), "pinned": layout.pinned, "short": short,
+        "description": f"runparallel at {node.url}: {short}, {len(tree['router'])} router (gthread masters)",
+        "layout": " / ".join(layout.describe().splitlines()),
+    }

@@ -1,0 +1,145 @@
+"""`manage.py parallel_bench load`: a real node under load, both modes, the table's flags and the plot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import orjson
+import psutil
+import pytest
+
+from parallel_render.bench import load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# wrk 4.1.0 against the demo's I/O page (serial mode, 2 connections, 1 s), with our script's done() line.
+WRK_SAMPLE = """\
+Running 1s test @ http://127.0.0.1:41047/bench/io/?blocks=6&ms=20
+  1 threads and 2 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   126.70ms    5.61ms 146.17ms   92.86%
+    Req/Sec    16.25      5.18    20.00     62.50%
+  Latency Distribution
+     50%  125.26ms
+     75%  125.42ms
+     90%  125.76ms
+     99%  146.17ms
+  14 requests in 1.00s, 79.62KB read
+Requests/sec:     13.98
+Transfer/sec:     79.50KB
+PARALLEL_BENCH_LOAD {"requests":14,"duration_us":1001595,"bytes":81536,"errors":{"connect":0,"read":0,"write":0,"status":0,"timeout":0},"p50_us":125258,"p90_us":125756,"p99_us":146167,"latency_us":[[124611,1],[124811,1],[124846,1],[125083,1],[125143,1],[125236,1],[125239,1],[125258,1],[125278,1],[125383,1],[125417,1],[125524,1],[125756,1],[146167,1]]}
+"""
+
+
+def test_wrk_output_is_parsed_into_a_slice():
+    data = load.parse_wrk(WRK_SAMPLE)
+    assert data["requests"] == 14
+    got = load.wrk_result_slice(data, "serial")
+    assert got.mode == "serial"
+    assert got.ok == 14 and got.errors == 0 and got.non200 == 0
+    assert got.seconds == pytest.approx(1.001595)
+    assert len(got.latencies_ms) == 14
+    assert min(got.latencies_ms) == pytest.approx(124.611)
+    assert max(got.latencies_ms) == pytest.approx(146.167)
+    # The merged histogram gives back wrk's own percentiles.
+    stats = load.combine([got])
+    assert stats["p50"] == pytest.approx(data["p50_us"] / 1000, abs=0.2)
+    assert stats["p99"] == pytest.approx(data["p99_us"] / 1000)
+    assert stats["rps"] == pytest.approx(13.98, abs=0.01)
+
+
+def test_wrk_errors_and_repeated_latencies_are_counted():
+    data = {"requests": 10, "duration_us": 2_000_000, "bytes": 0,
+            "errors": {"connect": 1, "read": 0, "write": 0, "status": 3, "timeout": 2},
+            "latency_us": [[1000, 4], [3000, 6]]}
+    got = load.wrk_result_slice(data, "parallel")
+    assert (got.ok, got.non200, got.errors) == (7, 3, 3)
+    assert sorted(got.latencies_ms) == [1.0] * 4 + [3.0] * 6
+    assert "status 3" in got.first_error
+
+
+def test_wrk_output_without_our_line_is_an_error():
+    with pytest.raises(ValueError, match="no result line"):
+        load.parse_wrk(WRK_SAMPLE.split("PARALLEL_BENCH_LOAD")[0])
+
+
+def test_pages_and_levels_are_parsed():
+    io, custom = load.parse_pages("io=/bench/io/?blocks=8&ms=20, home=/")
+    assert (io.name, io.blocks, io.speedup_target) == ("io", 8, 2.5)
+    assert (custom.name, custom.path, custom.marker) == ("home", "/", "")
+    assert [p.name for p in load.parse_pages("io,cpu,mixed")] == ["io", "cpu", "mixed"]
+    with pytest.raises(ValueError, match="unknown page"):
+        load.parse_pages("nope")
+    assert load.parse_levels("1,2,4") == [1, 2, 4]
+    with pytest.raises(ValueError):
+        load.parse_levels("0,2")
+
+
+def _mode(rps: float, p50: float, p99: float) -> dict:
+    return {"rps": rps, "p50": p50, "p99": p99, "errors": 0, "non200": 0}
+
+
+def test_missed_targets_are_flagged():
+    io = load.parse_pages("io")[0]
+    ratios, missed = load.judge(io, 1, _mode(10, 100, 120), _mode(40, 25, 30))
+    assert missed == [] and ratios["speedup_p50"] == pytest.approx(4.0)
+    _, missed = load.judge(io, 1, _mode(10, 100, 120), _mode(12, 50, 60))
+    assert missed == ["speed-up 2.00x < 2.5x"]
+    # Above concurrency 1 only throughput and p99 count.
+    _, missed = load.judge(io, 8, _mode(50, 150, 200), _mode(45, 150, 220))
+    assert missed == ["req/s 0.90x < 0.95x", "p99 1.10x > 1.05x"]
+    _, missed = load.judge(io, 8, _mode(50, 150, 200), {**_mode(50, 150, 200), "non200": 1})
+    assert missed == ["errors"]
+
+
+def _run_bench(tmp_path: Path, *args: str) -> dict:
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="demo_site.settings", DEMO_DEBUG="0",
+               DEMO_DB_PATH=str(tmp_path / "demo.sqlite3"), PYTHONPATH=str(ROOT))
+    env.pop("PARALLEL_RENDER_ROUTER", None)
+    done = subprocess.run(
+        [sys.executable, "manage.py", "parallel_bench", "load", "--json", "--plot", str(tmp_path / "load.svg"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return orjson.loads(done.stdout)
+
+
+def _check_run(result: dict, tmp_path: Path, pages: list[str], levels: list[int]) -> None:
+    assert [p["name"] for p in result["pages"]] == pages
+    for page in result["pages"]:
+        assert [lv["concurrency"] for lv in page["levels"]] == levels
+        for lv in page["levels"]:
+            assert lv["check"]["ok"], lv["check"]
+            assert lv["check"]["offloaded"] > 0  # the parallel page really went through the workers
+            for mode in ("serial", "parallel"):
+                assert lv[mode]["rps"] > 0, (page["name"], lv)
+                assert lv[mode]["errors"] == 0 and lv[mode]["non200"] == 0, lv[mode]["first_error"]
+    node = result["node"]
+    assert node["started"] and node["workers"] >= 1 and node["masters"] >= 1 and node["routers"] == 1
+    assert node["orphans"] == []
+    alive = [pid for pid in node["pids"] if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], "processes of the node outlived the bench"
+    svg = ET.parse(tmp_path / "load.svg").getroot()
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+    # Two charts per page (req/s and p99), each with a line per mode.
+    assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 2 * 2 * len(pages)
+
+
+def test_a_short_run_with_the_builtin_generator(tmp_path):
+    result = _run_bench(tmp_path, "--generator", "builtin", "--pages", "io,cpu", "--levels", "1,2",
+                        "--duration", "0.6", "--slices", "2", "--warmup", "0.2")
+    assert result["generator"]["name"] == "builtin"
+    _check_run(result, tmp_path, ["io", "cpu"], [1, 2])
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install -y wrk)")
+def test_a_short_run_with_wrk(tmp_path):
+    result = _run_bench(tmp_path, "--generator", "wrk", "--pages", "io", "--levels", "1,2",
+                        "--duration", "1", "--slices", "1", "--warmup", "0")
+    assert result["generator"]["name"] == "wrk"
+    _check_run(result, tmp_path, ["io"], [1, 2])
