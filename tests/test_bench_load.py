@@ -97,6 +97,28 @@ def test_missed_targets_are_flagged():
     assert missed == ["errors"]
 
 
+def test_slices_grow_with_the_expected_latency():
+    bench = load.LoadBench("http://127.0.0.1:1", [], [1], duration=6, slices=3, warmup=0, slice_fn=None,
+                           serial_header="X-Parallel-Render", max_slice=10)
+    idle = {"ms": {"serial": 200.0, "parallel": 50.0}}
+    assert bench.slice_seconds(1, idle, None) == 2.0  # 4 x 0.2 s is less than 6 s / 3
+    previous = {"serial": {"rps": 20.0}, "parallel": {"rps": 40.0}, "slice_seconds": 2.0}
+    # Little's law: 16 connections at 20 req/s wait 0.8 s each; 4 rounds of that.
+    assert bench.slice_seconds(16, idle, previous) == pytest.approx(3.2)
+    assert bench.slice_seconds(64, idle, previous) == 10  # capped by --max-slice
+    bench.whole_seconds = True  # wrk
+    assert bench.slice_seconds(16, idle, previous) == 4.0
+    stalled = {**previous, "serial": {"rps": 0.0}}
+    assert bench.slice_seconds(2, idle, stalled) == 10  # nothing finished: as long as allowed
+
+
+def test_a_mode_that_completed_nothing_is_flagged_not_divided_by():
+    io = load.parse_pages("io")[0]
+    ratios, missed = load.judge(io, 32, {**_mode(0, float("nan"), float("nan"))}, _mode(30, 500, 900))
+    assert missed == ["no serial request completed"]
+    assert ratios["throughput"] != ratios["throughput"]  # nan, shown as n/a
+
+
 def _run_bench(tmp_path: Path, *args: str) -> dict:
     env = dict(os.environ, DJANGO_SETTINGS_MODULE="demo_site.settings", DEMO_DEBUG="0",
                DEMO_DB_PATH=str(tmp_path / "demo.sqlite3"), PYTHONPATH=str(ROOT))

@@ -44,6 +44,10 @@ LEVELS = (1, 2, 4, 8, 16, 32)
 # Parallel must serve at least this share of serial's requests/s, within this much of its p99.
 TARGET_THROUGHPUT = 0.95
 TARGET_P99 = 1.05
+# Closed loop: when a slice ends every connection has a request in flight, which is not counted.
+# Slices long enough for each connection to finish this many requests keep the slow ones in the
+# percentiles; the bench lengthens a level's slices to that, up to --max-slice.
+MIN_ROUNDS = 4
 WRK_MARK = "PARALLEL_BENCH_LOAD "
 PID = re.compile(rb"pid \d+")
 WORKER_BLOCK = re.compile(r'pid \d+ render ([\d.]+)ms')
@@ -233,7 +237,7 @@ class Wrk:
 
     def slice(self, url: str, concurrency: int, seconds: float, mode: str) -> Slice:
         cmd = [self.binary, "-t", str(self.threads(concurrency)), "-c", str(concurrency),
-               "-d", f"{max(1, round(seconds))}s", "--timeout", f"{max(1, round(self.timeout))}s", "--latency",
+               "-d", f"{max(1, math.ceil(seconds - 1e-6))}s", "--timeout", f"{max(1, round(self.timeout))}s", "--latency",
                "-s", self.script, url, "--", mode, self.header]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + self.timeout + 30)
         if done.returncode != 0:
@@ -374,8 +378,11 @@ def check_page(base: str, page: Page, serial_headers: dict[str, str], attempts: 
     """One GET in each mode: both 200, the same body once pids are blanked, the blocks there and offloaded."""
     url = base + page.path
     for attempt in range(attempts):
+        started = time.perf_counter()
         p_status, p_body, timing = _get(url, {})
+        p_ms = (time.perf_counter() - started) * 1000
         s_status, s_body, _ = _get(url, serial_headers)
+        s_ms = (time.perf_counter() - started) * 1000 - p_ms
         problems = []
         if p_status != 200 or s_status != 200:
             problems.append(f"HTTP {p_status} parallel, {s_status} serial")
@@ -391,6 +398,7 @@ def check_page(base: str, page: Page, serial_headers: dict[str, str], attempts: 
             "ok": not problems, "problems": problems, "status": [s_status, p_status], "same_body": same,
             "blocks": markers, "offloaded": len(rendered), "rescued": len(RESCUED_BLOCK.findall(timing)),
             "block_ms_p50": summary(rendered)["p50"] if rendered else None, "server_timing": bool(timing),
+            "ms": {"serial": s_ms, "parallel": p_ms},
         }
         if check["ok"] or attempt == attempts - 1:
             return check
@@ -427,6 +435,9 @@ def judge(page: Page, concurrency: int, serial: dict[str, Any], parallel: dict[s
         "p99": ratio(parallel["p99"], serial["p99"]),
     }
     missed = []
+    idle = [mode for mode, m in (("serial", serial), ("parallel", parallel)) if not m["rps"] > 0]
+    if idle:
+        return ratios, [f"no {' or '.join(idle)} request completed"]
     if not ratios["throughput"] >= TARGET_THROUGHPUT:
         missed.append(f"req/s {ratios['throughput']:.2f}x < {TARGET_THROUGHPUT}x")
     if not ratios["p99"] <= TARGET_P99:
@@ -444,6 +455,7 @@ class LoadBench:
     def __init__(
         self, base: str, pages: list[Page], levels: list[int], duration: float, slices: int, warmup: float,
         slice_fn: Callable[[str, int, float, str], Slice], serial_header: str, log: Callable[[str], None] | None = None,
+        max_slice: float = 20.0, whole_seconds: bool = False,
     ) -> None:
         self.base = base.rstrip("/")
         self.pages = pages
@@ -454,6 +466,8 @@ class LoadBench:
         self.slice_fn = slice_fn
         self.serial_headers = {serial_header: "serial"}
         self.log = log or (lambda line: None)
+        self.max_slice = max_slice
+        self.whole_seconds = whole_seconds  # wrk takes whole seconds
 
     def preflight(self) -> None:
         """Every page answers 200 in both modes before any time is spent measuring."""
@@ -470,16 +484,31 @@ class LoadBench:
         self.preflight()
         out = []
         for page in self.pages:
-            levels = []
+            levels: list[dict[str, Any]] = []
             for n, concurrency in enumerate(self.levels):
-                levels.append(self.level(page, concurrency, n))
+                levels.append(self.level(page, concurrency, n, levels[-1] if levels else None))
             out.append({"name": page.name, "path": page.path, "blocks": page.blocks,
                         "speedup_target": page.speedup_target, "levels": levels})
         return out
 
-    def level(self, page: Page, concurrency: int, n: int) -> dict[str, Any]:
+    def slice_seconds(self, concurrency: int, check: dict[str, Any], previous: dict[str, Any] | None) -> float:
+        """--duration / --slices, or longer: MIN_ROUNDS times the slowest mode's expected latency.
+
+        The latency is expected from the idle GETs and, by Little's law, from the previous
+        level's throughput (concurrency / requests per second, right once the node is saturated).
+        """
+        expected = max(check["ms"].values()) / 1000
+        if previous is not None:
+            for mode in MODES:
+                rps = previous[mode]["rps"]
+                expected = max(expected, concurrency / rps if rps > 0 else 2 * previous["slice_seconds"])
+        seconds = min(self.max_slice, max(self.duration / self.slices, MIN_ROUNDS * expected))
+        return float(math.ceil(seconds - 1e-6)) if self.whole_seconds else seconds
+
+    def level(self, page: Page, concurrency: int, n: int, previous: dict[str, Any] | None = None) -> dict[str, Any]:
         url = self.base + page.path
         check = check_page(self.base, page, self.serial_headers)
+        seconds = self.slice_seconds(concurrency, check, previous)
         if self.warmup > 0:
             for mode in ("parallel", "serial"):
                 self.slice_fn(url, concurrency, self.warmup / 2, mode)
@@ -488,16 +517,18 @@ class LoadBench:
             # Alternate which mode goes first, from level to level too.
             order = MODES if (k + n) % 2 == 0 else MODES[::-1]
             for mode in order:
-                taken[mode].append(self.slice_fn(url, concurrency, self.duration / self.slices, mode))
+                taken[mode].append(self.slice_fn(url, concurrency, seconds, mode))
         serial, parallel = combine(taken["serial"]), combine(taken["parallel"])
         ratios, missed = judge(page, concurrency, serial, parallel)
         if not check["ok"]:
             missed.append("check: " + "; ".join(check["problems"]))
-        self.log(f"  {page.name} c={concurrency}: serial {serial['rps']:.1f} req/s p99 {serial['p99']:.0f} ms, "
-                 f"parallel {parallel['rps']:.1f} req/s p99 {parallel['p99']:.0f} ms"
+        # Requests each connection finished in its slice: few means slow requests were cut off.
+        rounds = min(s.ok + s.non200 for slices in taken.values() for s in slices) / concurrency
+        self.log(f"  {page.name} c={concurrency}: {self.slices} x {seconds:g} s per mode: serial {serial['rps']:.1f} req/s "
+                 f"p99 {serial['p99']:.0f} ms, parallel {parallel['rps']:.1f} req/s p99 {parallel['p99']:.0f} ms"
                  + (f"  [{'; '.join(missed)}]" if missed else ""))
-        return {"concurrency": concurrency, "serial": serial, "parallel": parallel, "ratios": ratios,
-                "missed": missed, "check": check}
+        return {"concurrency": concurrency, "slice_seconds": seconds, "rounds": rounds, "serial": serial,
+                "parallel": parallel, "ratios": ratios, "missed": missed, "check": check}
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -520,14 +551,22 @@ def format_result(result: dict[str, Any]) -> str:
         rows = []
         for lv in page["levels"]:
             s, p, r = lv["serial"], lv["parallel"], lv["ratios"]
-            rows.append([lv["concurrency"], s["rps"], p["rps"], f"{r['throughput']:.2f}x", s["p50"], p["p50"],
-                         f"{r['speedup_p50']:.2f}x", s["p99"], p["p99"], f"{r['p99']:.2f}x",
+            rows.append([lv["concurrency"], s["rps"], p["rps"], _x(r["throughput"]), s["p50"], p["p50"],
+                         _x(r["speedup_p50"]), s["p99"], p["p99"], _x(r["p99"]),
                          f"{s['errors'] + s['non200']}/{p['errors'] + p['non200']}",
                          "MISS: " + "; ".join(lv["missed"]) if lv["missed"] else "ok"])
         out.append(table(["conc", "serial req/s", "parallel req/s", "par/ser req/s", "serial p50 ms", "parallel p50 ms",
                           "speed-up p50", "serial p99 ms", "parallel p99 ms", "par/ser p99", "errors s/p", "targets"], rows))
         met = sum(1 for lv in page["levels"] if not lv["missed"])
         out.append(f"targets met at {met} of {len(page['levels'])} levels")
+        longer = [f"{lv['concurrency']} ({lv['slice_seconds']:g} s)" for lv in page["levels"]
+                  if lv["slice_seconds"] > result["generator"]["slice_seconds"]]
+        if longer:
+            out.append(f"slices lengthened at concurrency {', '.join(longer)}, for {MIN_ROUNDS} requests per connection each")
+        few = [str(lv["concurrency"]) for lv in page["levels"] if lv["rounds"] < MIN_ROUNDS / 2]
+        if few:
+            out.append(f"warning: at concurrency {', '.join(few)} a connection finished fewer than {MIN_ROUNDS // 2} "
+                       "requests in some slice, so its slowest requests were cut off: raise --max-slice")
     speedups = ", ".join(f"{p['name']} {p['speedup_target']}x" for p in result["pages"] if p["speedup_target"])
     out += ["", f"targets: parallel req/s >= {TARGET_THROUGHPUT}x serial and p99 <= {TARGET_P99}x serial at every level"
                 + (f"; p50 speed-up at concurrency 1 >= {speedups}" if speedups else "") + "; no errors"]
@@ -535,6 +574,10 @@ def format_result(result: dict[str, Any]) -> str:
         out.append(f"plot: {result['plot']}")
     out.append(f"reproduce: {result['reproduce']}")
     return "\n".join(out)
+
+
+def _x(ratio: float) -> str:
+    return f"{ratio:.2f}x" if ratio == ratio else "n/a"
 
 
 PLOT_COLORS = {"serial": "#f58518", "parallel": "#4c78a8"}
@@ -636,6 +679,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrency levels (default 1,2,4,8,16,32)")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds each mode is measured per page and level (default 6)")
     parser.add_argument("--slices", type=int, default=3, help="slices per mode the duration is cut into, interleaved (default 3)")
+    parser.add_argument("--max-slice", type=float, default=20.0,
+                        help=f"longest slice, in seconds, when slow requests make the bench lengthen a level's slices "
+                             f"(for {MIN_ROUNDS} requests per connection; default 20)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per page and level, both modes (default 1)")
     parser.add_argument("--generator", choices=("auto", "wrk", "builtin"), default="auto", help="wrk when installed (auto), or built-in threads")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds a request may take before it counts as an error (default 10)")
@@ -649,7 +695,7 @@ def add_arguments(parser: Any) -> None:
 
 def _reproduce(options: dict[str, Any], generator: str, plot: str) -> str:
     parts = ["python manage.py parallel_bench load", f"--pages {options['pages']}", f"--levels {options['levels']}",
-             f"--duration {options['duration']:g}", f"--slices {options['slices']}", f"--warmup {options['warmup']:g}",
+             f"--duration {options['duration']:g}", f"--slices {options['slices']}", f"--warmup {options['warmup']:g}", f"--max-slice {options['max_slice']:g}",
              f"--generator {generator}"]
     if options["url"]:
         parts.append(f"--url {options['url']}")
@@ -673,8 +719,8 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         pages, levels = parse_pages(options["pages"]), parse_levels(options["levels"])
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    if options["duration"] <= 0 or options["slices"] < 1 or options["warmup"] < 0 or options["timeout"] <= 0:
-        raise CommandError("--duration and --timeout must be positive, --slices at least 1, --warmup not negative")
+    if min(options["duration"], options["timeout"], options["max_slice"]) <= 0 or options["slices"] < 1 or options["warmup"] < 0:
+        raise CommandError("--duration, --timeout and --max-slice must be positive, --slices at least 1, --warmup not negative")
     for name in ("masters", "workers", "threads"):
         if options[name] is not None and options[name] < 1:
             raise CommandError(f"--{name} must be at least 1")
@@ -709,7 +755,7 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
             wrk = Wrk(wrk_binary, workdir, header, options["timeout"])
             slice_fn = wrk.slice
             gen_desc = f"wrk {wrk_version(wrk_binary)} (up to {wrk.threads_cap} threads, --timeout {options['timeout']:g}s)"
-            slice_seconds = float(max(1, round(options["duration"] / options["slices"])))
+            slice_seconds = float(max(1, math.ceil(options["duration"] / options["slices"] - 1e-6)))
         else:
             headers = {"serial": {header: "serial"}, "parallel": {}}
 
@@ -730,13 +776,14 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
             if options["no_affinity"]:
                 args.append("--no-affinity")
             total = len(pages) * len(levels) * (2 * slice_seconds * options["slices"] + options["warmup"])
-            log(f"starting a node (runparallel {' '.join(args)}); the run takes about {total / 60:.1f} min")
+            log(f"starting a node (runparallel {' '.join(args)}); the run takes {total / 60:.1f} min or more")
             node = Node(args, workdir)
             base = node.url
             first = Page("probe", pages[0].path)
             node.wait_serving(lambda: _serves(base, first))
             node_info = _describe_node(node, options)
-        bench = LoadBench(base, pages, levels, options["duration"], options["slices"], options["warmup"], slice_fn, header, log)
+        bench = LoadBench(base, pages, levels, options["duration"], options["slices"], options["warmup"], slice_fn, header, log,
+                          max_slice=max(options["max_slice"], slice_seconds), whole_seconds=generator == "wrk")
         results = bench.run()
         if node is not None:
             node_info["tree_at_end"] = {k: len(v) for k, v in node.tree().items()}
