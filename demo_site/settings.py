@@ -4,7 +4,9 @@ Environment variables:
 
 - ``DEMO_DEBUG``      ``1``/``0`` (default ``1``)
 - ``DEMO_DB_PATH``    path of the SQLite database (default ``<repo>/demo.sqlite3``)
-- ``DEMO_WORKERS``    workers ``runserver`` starts (default 4)
+- ``DEMO_WORKERS``    workers ``runserver`` starts (default 8)
+- ``DEMO_ADAPTIVE``   ``0`` sends every block and waits for the workers, to compare with the
+  default load-aware dispatch (``PARALLEL_RENDER['ADAPTIVE']``)
 - ``DEMO_MEMCACHED``  ``host:port[,host:port...]``: use memcached (pymemcache) as the cache
 - ``DEMO_REDIS``      ``redis://host:port/db``: use Redis (django-redis) as the cache
 - ``DEMO_SECRET_KEY`` the secret key (a fixed, insecure default is used otherwise)
@@ -119,6 +121,7 @@ CACHES = _caches()
 
 PARALLEL_RENDER = {
     "WORKERS": int(os.environ.get("DEMO_WORKERS", "8")),
+    "ADAPTIVE": _env_flag("DEMO_ADAPTIVE", True),
     "TIMEOUT": 5.0,
     # ``?serial=1`` renders the page serially, for side-by-side comparisons.
     "SERIAL_QUERY_PARAM": "serial",
