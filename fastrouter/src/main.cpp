@@ -37,6 +37,9 @@ const char kUsage[] =
     "  --parent-pid PID          exit when process PID (our parent) exits\n"
     "  --cpu N                   pin the router to CPU N\n"
     "  --drain-ms N              after SIGTERM, time jobs already with a worker get (default 5000)\n"
+    "  --status-file PATH        publish the load for masters in this file (absolute path; default\n"
+    "                            SOCKET.status next to a unix socket, none for tcp)\n"
+    "  --no-status-file          publish no status file\n"
     "  --quiet                   log only fatal errors\n"
     "  --help                    show this help\n"
     "  --version                 print the version\n"
@@ -44,7 +47,7 @@ const char kUsage[] =
     "Prints 'READY ADDRESS' on stdout once listening. SIGTERM/SIGINT drain: stop accepting,\n"
     "answer queued jobs with ERROR SHUTDOWN, let jobs in flight finish for up to --drain-ms (a\n"
     "second signal ends the wait), then exit 0. Exit code 2 means a bad option, an unsafe socket\n"
-    "directory or token file, or a CPU that cannot be used.\n";
+    "or status file directory or token file, or a CPU that cannot be used.\n";
 
 [[noreturn]] void usage_error(const std::string& msg) {
     fprintf(stderr, "fastrouter: %s\n(run fastrouter --help for usage)\n", msg.c_str());
@@ -90,6 +93,7 @@ std::string read_token(const std::string& path) {
 int main(int argc, char** argv) {
     fr::ServerOptions opts;
     bool have_listen = false;
+    bool no_status_file = false;
     for (int i = 1; i < argc; i++) {
         std::string arg = argv[i];
         std::string value;
@@ -142,6 +146,15 @@ int main(int argc, char** argv) {
             opts.cpu = static_cast<int>(parse_number(arg, need_value(), 0, 4095));
         } else if (arg == "--drain-ms") {
             opts.drain_ms = static_cast<int64_t>(parse_number(arg, need_value(), 0, 3600000));
+        } else if (arg == "--status-file") {
+            opts.status_file = need_value();
+            if (opts.status_file.empty() || opts.status_file[0] != '/' ||
+                opts.status_file.back() == '/')
+                usage_error("--status-file: expected an absolute file path, got '" +
+                            opts.status_file + "'");
+        } else if (arg == "--no-status-file") {
+            no_value();
+            no_status_file = true;
         } else if (arg == "--auth-token-file") {
             opts.auth_token_file = need_value();
             opts.router.auth_token = read_token(opts.auth_token_file);
@@ -150,6 +163,12 @@ int main(int argc, char** argv) {
         }
     }
     if (!have_listen) usage_error("--listen is required (unix:///abs/path or tcp://host:port)");
+    if (no_status_file && !opts.status_file.empty())
+        usage_error("--status-file and --no-status-file contradict each other; pass one");
+    if (no_status_file)
+        opts.status_file.clear();
+    else if (opts.status_file.empty() && opts.listen.is_unix)
+        opts.status_file = opts.listen.path + ".status";
     if (!opts.listen.is_unix && opts.router.auth_token.empty() &&
         !fr::is_loopback_host(opts.listen.host))
         usage_error("--listen " + opts.listen.host +

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "log.h"
+#include "status.h"
 
 namespace fr {
 
@@ -58,24 +59,32 @@ struct Listener {
     std::string shown;        // the address printed on the READY line
 };
 
-// Returns an exit code: 0 on success, 2 for a refusal the operator must fix.
-int listen_unix(const ListenAddress& a, Listener* l) {
-    std::string dir = dir_of(a.path);
+// The socket's and the status page's directory must be private: others could otherwise
+// replace the file or read the page. `what` completes "refusing to ... in DIR".
+bool private_dir_ok(const std::string& dir, const char* what, const char* alternative) {
     struct stat st;
     if (stat(dir.c_str(), &st) != 0) {
-        log_error("cannot use socket directory %s: %s", dir.c_str(), strerror(errno));
-        return 2;
+        log_error("cannot %s in %s: %s", what, dir.c_str(), strerror(errno));
+        return false;
     }
     if (!S_ISDIR(st.st_mode)) {
-        log_error("%s is not a directory", dir.c_str());
-        return 2;
+        log_error("cannot %s in %s: it is not a directory", what, dir.c_str());
+        return false;
     }
     if (st.st_mode & (S_IRGRP | S_IWGRP | S_IROTH | S_IWOTH)) {
-        log_error("refusing to listen in %s: the directory is readable or writable by group or "
-                  "others (mode %04o); use a private directory (chmod 700 %s)",
-                  dir.c_str(), static_cast<unsigned>(st.st_mode & 07777), dir.c_str());
-        return 2;
+        log_error("refusing to %s in %s: the directory is readable or writable by group or "
+                  "others (mode %04o); use a private directory (chmod 700 %s)%s",
+                  what, dir.c_str(), static_cast<unsigned>(st.st_mode & 07777), dir.c_str(),
+                  alternative);
+        return false;
     }
+    return true;
+}
+
+// Returns an exit code: 0 on success, 2 for a refusal the operator must fix.
+int listen_unix(const ListenAddress& a, Listener* l) {
+    if (!private_dir_ok(dir_of(a.path), "listen", "")) return 2;
+    struct stat st;
     sockaddr_un sa;
     std::memset(&sa, 0, sizeof sa);
     sa.sun_family = AF_UNIX;
@@ -171,8 +180,8 @@ int listen_tcp(const ListenAddress& a, Listener* l) {
 
 class Loop {
 public:
-    Loop(const ServerOptions& opts, Listener* l)
-        : opts_(opts), router_(opts.router), listener_(l) {}
+    Loop(const ServerOptions& opts, Listener* l, StatusPage* status)
+        : opts_(opts), router_(opts.router), listener_(l), status_(status) {}
 
     int run(int sigfd);
 
@@ -191,6 +200,7 @@ private:
     const ServerOptions& opts_;
     Router router_;
     Listener* listener_;
+    StatusPage* status_;  // not open when disabled
     int epfd_ = -1;
     int spare_fd_ = -1;
     int64_t now_ = 0;
@@ -377,6 +387,7 @@ int Loop::timeout_ms() {
     if (opts_.parent_pid && next_parent_check_ < until) until = next_parent_check_;
     if (draining_ && drain_deadline_ < until) until = drain_deadline_;
     if (stopping_ && !draining_ && shutdown_deadline_ < until) until = shutdown_deadline_;
+    if (status_->is_open() && status_->next_refresh() < until) until = status_->next_refresh();
     if (until == kNoDeadline) return -1;
     int64_t left = until - now_;
     if (left <= 0) return 0;
@@ -421,6 +432,8 @@ int Loop::run(int sigfd) {
         if (draining_ && (router_.in_flight() == 0 || now_ >= drain_deadline_)) end_drain();
         process_pending();
         if (stopping_ && !draining_ && (!output_pending() || now_ >= shutdown_deadline_)) break;
+        // Before sleeping, once per turn: a few stores, and only if the load changed.
+        status_->publish(router_.load(), now_);
 
         int n = epoll_wait(epfd_, events, 256, timeout_ms());
         if (n < 0) {
@@ -505,14 +518,30 @@ int run_server(const ServerOptions& opts) {
         if (!l.unlink_path.empty()) unlink(l.unlink_path.c_str());
         return rc;
     }
+    StatusPage status;
+    if (!opts.status_file.empty()) {
+        std::string err;
+        bool ok = private_dir_ok(dir_of(opts.status_file), "write the status file",
+                                 ", or pass --no-status-file");
+        if (ok && !status.open(opts.status_file, now_us(), &err)) {
+            log_error("%s", err.c_str());
+            ok = false;
+        }
+        if (!ok) {
+            close(l.fd);
+            if (!l.unlink_path.empty()) unlink(l.unlink_path.c_str());
+            return 2;
+        }
+    }
     printf("READY %s\n", l.shown.c_str());
     fflush(stdout);
     log_info("listening on %s (max queue %zu jobs / %zu bytes, max frame %u bytes)",
              l.shown.c_str(), opts.router.max_queue, opts.router.max_queue_bytes,
              opts.router.max_frame);
 
-    Loop loop(opts, &l);
+    Loop loop(opts, &l, &status);
     rc = loop.run(sigfd);
+    status.close();
     if (l.fd >= 0) close(l.fd);
     if (!l.unlink_path.empty()) unlink(l.unlink_path.c_str());
     close(sigfd);

@@ -28,6 +28,7 @@ struct ServerOptions {
     int cpu = -1;          // pin the router to this CPU; -1 = leave it to the scheduler
     int64_t drain_ms = 5000;  // after SIGTERM, how long jobs already with a worker may take
     std::string auth_token_file;
+    std::string status_file;  // the status page (PROTOCOL.md "Status page"); empty = none
 };
 
 // True for 127.0.0.0/8, ::1 and "localhost": addresses other machines cannot reach.

@@ -493,6 +493,7 @@ void Router::on_result(Conn* c, const Frame& f, int64_t now) {
     c->job = 0;
     Job* j = job_get(rid);
     if (!j) return;
+    service_ewma_.record(now - j->dispatched_at);
     if (j->orphan) {
         stats_.dropped++;
         job_free(rid);
@@ -518,6 +519,7 @@ void Router::dispatch(Conn* w, uint64_t rid, int64_t now) {
     j->worker = w->id;
     j->dispatched_at = now;
     queue_wait_us_.record(now - j->submitted_at);
+    queue_wait_ewma_.record(now - j->submitted_at);
     w->job = rid;
     in_flight_++;
     int64_t left_us = j->deadline - now;
@@ -630,6 +632,18 @@ Conn* Router::idle_pop() {
 
 // ---- stats -------------------------------------------------------------------------------
 
+RouterLoad Router::load() const {
+    RouterLoad l;
+    l.workers = workers_;
+    l.workers_idle = workers_idle_;
+    l.queued = queue_.count();
+    l.in_flight = in_flight_;
+    l.service_ewma_us = service_ewma_.value_us();
+    l.queue_wait_ewma_us = queue_wait_ewma_.value_us();
+    l.stopping = stopping_;
+    return l;
+}
+
 std::string Router::stats_json() {
     // Room for every number at its widest (20 digits); the clamp below is belt and braces.
     char buf[2048];
@@ -644,13 +658,15 @@ std::string Router::stats_json() {
         ",\"withdrawn\":%" PRIu64 ",\"withdraw_missed\":%" PRIu64
         ",\"queue_wait_p50_us\":%" PRIu64 ",\"queue_wait_p99_us\":%" PRIu64
         ",\"service_p50_us\":%" PRIu64 ",\"service_p99_us\":%" PRIu64
+        ",\"queue_wait_ewma_us\":%" PRIu64 ",\"service_ewma_us\":%" PRIu64
         ",\"max_queue\":%zu,\"max_queue_bytes\":%zu,\"max_frame\":%u,\"stopping\":%s}",
         queue_.count(), queue_.bytes(), in_flight_, workers_idle_, workers_ - workers_idle_,
         masters_, workers_, live_conns_, jobs_live_, stats_.submitted, stats_.completed, stats_.errors,
         stats_.timeouts, stats_.busy, stats_.cancelled, stats_.dropped, stats_.protocol_errors,
         stats_.withdrawn, stats_.withdraw_missed,
         queue_wait_us_.percentile(0.5), queue_wait_us_.percentile(0.99), service_us_.percentile(0.5),
-        service_us_.percentile(0.99), queue_.max_count(), queue_.max_bytes(), cfg_.max_frame, stopping_ ? "true" : "false");
+        service_us_.percentile(0.99), queue_wait_ewma_.value_us(), service_ewma_.value_us(),
+        queue_.max_count(), queue_.max_bytes(), cfg_.max_frame, stopping_ ? "true" : "false");
     if (n < 0) n = 0;
     return std::string(buf, static_cast<size_t>(n) < sizeof buf ? static_cast<size_t>(n) : sizeof buf - 1);
 }

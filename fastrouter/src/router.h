@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "ewma.h"
 #include "frame.h"
 #include "histogram.h"
 #include "idmap.h"
@@ -39,6 +40,24 @@ struct RouterStats {
     uint64_t protocol_errors = 0;
     uint64_t withdrawn = 0;        // WITHDRAWN with TAKEN
     uint64_t withdraw_missed = 0;  // WITHDRAWN without it
+};
+
+// What a master needs to decide whether a job would only queue (PROTOCOL.md "Status page").
+struct RouterLoad {
+    uint64_t workers = 0;
+    uint64_t workers_idle = 0;
+    uint64_t queued = 0;
+    uint64_t in_flight = 0;
+    uint64_t service_ewma_us = 0;     // JOB handed to a worker -> its RESULT received
+    uint64_t queue_wait_ewma_us = 0;  // SUBMIT received -> JOB handed to a worker
+    bool stopping = false;
+
+    bool operator==(const RouterLoad& o) const {
+        return workers == o.workers && workers_idle == o.workers_idle && queued == o.queued &&
+               in_flight == o.in_flight && service_ewma_us == o.service_ewma_us &&
+               queue_wait_ewma_us == o.queue_wait_ewma_us && stopping == o.stopping;
+    }
+    bool operator!=(const RouterLoad& o) const { return !(*this == o); }
 };
 
 enum class ConnState : uint8_t {
@@ -108,6 +127,7 @@ public:
     }
 
     std::string stats_json();
+    RouterLoad load() const;
     const RouterStats& stats() const { return stats_; }
     const RouterConfig& config() const { return cfg_; }
     size_t queued() const { return queue_.count(); }
@@ -171,6 +191,8 @@ private:
     RouterStats stats_;
     Histogram queue_wait_us_;  // SUBMIT received -> JOB handed to a worker
     Histogram service_us_;     // JOB handed to a worker -> its RESULT received
+    Ewma queue_wait_ewma_;     // the same two durations, recent-weighted, for the status page
+    Ewma service_ewma_;        // (includes late RESULTs: the worker spent that time too)
     JobQueue queue_;
     DeadlineHeap in_flight_deadlines_;
 

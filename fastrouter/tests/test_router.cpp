@@ -647,4 +647,67 @@ TEST(withdraw_frames_that_break_the_rules) {
     }
 }
 
+TEST(load_follows_workers_queue_and_recent_durations) {
+    Harness t;
+    RouterLoad l = t.r.load();
+    CHECK_EQ(l.workers, 0u);
+    CHECK_EQ(l.service_ewma_us, 0u);
+    CHECK_EQ(l.queue_wait_ewma_us, 0u);
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w1 = t.connect(kRoleWorker), w2 = t.connect(kRoleWorker);
+    t.connect(kRoleNone);  // not a worker until HELLO
+    CHECK_EQ(t.r.load().workers, 2u);
+    CHECK_EQ(t.r.load().workers_idle, 0u);
+    t.send(m, frame(kSubmit, 0, 1, 0, "a") + frame(kSubmit, 0, 2, 0, "b"));
+    CHECK_EQ(t.r.load().queued, 2u);
+    t.now += 4000;  // both queued 4 ms
+    t.send(w1, frame(kReady, 0, 0, 0));
+    l = t.r.load();
+    CHECK_EQ(l.queued, 1u);
+    CHECK_EQ(l.in_flight, 1u);
+    CHECK_EQ(l.queue_wait_ewma_us, 4000u);  // the first sample as is
+    t.now += 4000;
+    t.send(w2, frame(kReady, 0, 0, 0));
+    CHECK_EQ(t.r.load().queue_wait_ewma_us, 4500u);  // 4000 + (8000 - 4000) / 8
+    uint64_t j1 = t.recv(w1)[0].h.job_id, j2 = t.recv(w2)[0].h.job_id;
+    t.now += 16000;
+    t.send(w1, frame(kResult, 0, j1, 0, "r") + frame(kReady, 0, 0, 0));
+    l = t.r.load();
+    CHECK_EQ(l.service_ewma_us, 20000u);  // dispatched 4 ms + 16 ms ago
+    CHECK_EQ(l.workers_idle, 1u);
+    CHECK_EQ(l.in_flight, 1u);
+    t.r.drain();
+    CHECK(t.r.load().stopping);
+    t.now += 8000;
+    t.send(w2, frame(kResult, 0, j2, 0, "r"));
+    CHECK_EQ(t.r.load().service_ewma_us, 20500u);  // 20000 + (24000 - 20000) / 8
+    t.r.closed(w1);
+    CHECK_EQ(t.r.load().workers, 1u);
+    CHECK_EQ(t.r.load().workers_idle, 0u);
+}
+
+TEST(late_results_count_in_the_service_average_but_not_the_percentiles) {
+    Harness t;
+    uint64_t m = t.connect(kRoleMaster);
+    uint64_t w = t.connect(kRoleWorker);
+    t.send(w, frame(kReady, 0, 0, 0));
+    t.send(m, frame(kSubmit, 0, 1, 10, "x"));
+    uint64_t rid = t.recv(w)[0].h.job_id;
+    t.advance_ms(30);  // timed out at 10 ms; the worker answers at 30
+    t.send(w, frame(kResult, 0, rid, 0, "late"));
+    CHECK_EQ(t.r.load().service_ewma_us, 30000u);
+    CHECK(t.r.stats_json().find("\"service_p50_us\":0,") != std::string::npos);
+    CHECK(t.r.stats_json().find("\"service_ewma_us\":30000,") != std::string::npos);
+}
+
+TEST(load_compares_field_by_field) {
+    RouterLoad a, b;
+    CHECK(a == b);
+    b.queue_wait_ewma_us = 1;
+    CHECK(a != b);
+    b = a;
+    b.stopping = true;
+    CHECK(a != b);
+}
+
 TEST_MAIN()
