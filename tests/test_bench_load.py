@@ -154,7 +154,7 @@ def _check_run(result: dict, tmp_path: Path, pages: list[str], levels: list[int]
 
 def test_a_short_run_with_the_builtin_generator(tmp_path):
     result = _run_bench(tmp_path, "--generator", "builtin", "--pages", "io,cpu", "--levels", "1,2",
-                        "--duration", "0.6", "--slices", "2", "--warmup", "0.2")
+                        "--duration", "0.6", "--slices", "2", "--warmup", "0.2", "--max-slice", "0.5")
     assert result["generator"]["name"] == "builtin"
     _check_run(result, tmp_path, ["io", "cpu"], [1, 2])
 
@@ -162,6 +162,6 @@ def test_a_short_run_with_the_builtin_generator(tmp_path):
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install -y wrk)")
 def test_a_short_run_with_wrk(tmp_path):
     result = _run_bench(tmp_path, "--generator", "wrk", "--pages", "io", "--levels", "1,2",
-                        "--duration", "1", "--slices", "1", "--warmup", "0")
+                        "--duration", "1", "--slices", "1", "--warmup", "0", "--max-slice", "1")
     assert result["generator"]["name"] == "wrk"
     _check_run(result, tmp_path, ["io"], [1, 2])

@@ -50,6 +50,7 @@ TARGET_P99 = 1.05
 MIN_ROUNDS = 4
 WRK_MARK = "PARALLEL_BENCH_LOAD "
 PID = re.compile(rb"pid \d+")
+WORKERS_WAIT = 45.0  # seconds from the node's start for its workers to render a block of the first page
 WORKER_BLOCK = re.compile(r'pid \d+ render ([\d.]+)ms')
 RESCUED_BLOCK = re.compile(r"master render [\d.]+ms")
 
@@ -524,7 +525,7 @@ class LoadBench:
             missed.append("check: " + "; ".join(check["problems"]))
         # Requests each connection finished in its slice: few means slow requests were cut off.
         rounds = min(s.ok + s.non200 for slices in taken.values() for s in slices) / concurrency
-        self.log(f"  {page.name} c={concurrency}: {self.slices} x {seconds:g} s per mode: serial {serial['rps']:.1f} req/s "
+        self.log(f"  {page.name} c={concurrency}: {self.slices} x {seconds:.1f} s per mode: serial {serial['rps']:.1f} req/s "
                  f"p99 {serial['p99']:.0f} ms, parallel {parallel['rps']:.1f} req/s p99 {parallel['p99']:.0f} ms"
                  + (f"  [{'; '.join(missed)}]" if missed else ""))
         return {"concurrency": concurrency, "slice_seconds": seconds, "rounds": rounds, "serial": serial,
@@ -540,7 +541,7 @@ def format_result(result: dict[str, Any]) -> str:
     if node.get("layout"):
         out.append(f"layout: {node['layout']}")
     out.append(f"generator: {gen['description']}; closed loop; per level and mode {gen['slices']} slices of "
-               f"{gen['slice_seconds']:g} s, interleaved, after a {gen['warmup']:g} s warm-up")
+               f"{gen['slice_seconds']:.1f} s, interleaved, after a {gen['warmup']:g} s warm-up")
     if result.get("debug"):
         out.append("warning: the node runs with DEBUG on (for the demo site: DEMO_DEBUG=0)")
     for page in result["pages"]:
@@ -559,14 +560,15 @@ def format_result(result: dict[str, Any]) -> str:
                           "speed-up p50", "serial p99 ms", "parallel p99 ms", "par/ser p99", "errors s/p", "targets"], rows))
         met = sum(1 for lv in page["levels"] if not lv["missed"])
         out.append(f"targets met at {met} of {len(page['levels'])} levels")
-        longer = [f"{lv['concurrency']} ({lv['slice_seconds']:g} s)" for lv in page["levels"]
+        longer = [f"{lv['concurrency']} ({lv['slice_seconds']:.1f} s)" for lv in page["levels"]
                   if lv["slice_seconds"] > result["generator"]["slice_seconds"]]
         if longer:
             out.append(f"slices lengthened at concurrency {', '.join(longer)}, for {MIN_ROUNDS} requests per connection each")
         few = [str(lv["concurrency"]) for lv in page["levels"] if lv["rounds"] < MIN_ROUNDS / 2]
         if few:
             out.append(f"warning: at concurrency {', '.join(few)} a connection finished fewer than {MIN_ROUNDS // 2} "
-                       "requests in some slice, so its slowest requests were cut off: raise --max-slice")
+                       "requests in some slice: too short for a steady state (and wrk drops the requests still "
+                       "running at a slice's end, the slowest ones): raise --max-slice")
     speedups = ", ".join(f"{p['name']} {p['speedup_target']}x" for p in result["pages"] if p["speedup_target"])
     out += ["", f"targets: parallel req/s >= {TARGET_THROUGHPUT}x serial and p99 <= {TARGET_P99}x serial at every level"
                 + (f"; p50 speed-up at concurrency 1 >= {speedups}" if speedups else "") + "; no errors"]
@@ -779,8 +781,19 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
             log(f"starting a node (runparallel {' '.join(args)}); the run takes {total / 60:.1f} min or more")
             node = Node(args, workdir)
             base = node.url
-            first = Page("probe", pages[0].path)
-            node.wait_serving(lambda: _serves(base, first))
+            workers_by = time.monotonic() + WORKERS_WAIT
+
+            def serving() -> bool:
+                ok, worker_rendered = _serves(base + pages[0].path)
+                if not ok or worker_rendered:
+                    return True  # up; a page that fails is the preflight's to explain
+                if time.monotonic() > workers_by:
+                    log(f"warning: no block of {pages[0].path} came from a worker within {WORKERS_WAIT:.0f} s "
+                        "(Server-Timing off, or the node renders them inline); measuring anyway")
+                    return True
+                return False
+
+            node.wait_serving(serving)
             node_info = _describe_node(node, options)
         bench = LoadBench(base, pages, levels, options["duration"], options["slices"], options["warmup"], slice_fn, header, log,
                           max_slice=max(options["max_slice"], slice_seconds), whole_seconds=generator == "wrk")
@@ -817,10 +830,10 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         stdout.write(format_result(result))
 
 
-def _serves(base: str, page: Page) -> bool:
-    """The page answers 200 and, where Server-Timing says so, some block came from a worker."""
-    status, _body, timing = _get(base + page.path, {}, timeout=10)
-    return status == 200 and (not timing or bool(WORKER_BLOCK.search(timing)))
+def _serves(url: str) -> tuple[bool, bool]:
+    """Whether the page answers 200, and whether Server-Timing shows a block rendered by a worker."""
+    status, _body, timing = _get(url, {}, timeout=10)
+    return status == 200, bool(WORKER_BLOCK.search(timing))
 
 
 def _describe_node(node: Node, options: dict[str, Any]) -> dict[str, Any]:
