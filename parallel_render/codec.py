@@ -78,15 +78,17 @@ class Encoder:
         if t is SafeString:
             return {"$s": str(value)}
         if t is list:
-            return [self.encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return self._items(value, path)
         if t is tuple:
-            return {"$t": [self.encode(v, f"{path}[{i}]") for i, v in enumerate(value)]}
+            return {"$t": self._items(value, path)}
         if t is dict:
             out = {}
             for k, v in value.items():
                 if type(k) is not str:
                     raise Unsendable(path, value, f"key {k!r} is not a string")
-                out[k] = self.encode(v, f"{path}.{k}")
+                # Plain strings, booleans and None are themselves: no call, no path string.
+                tv = type(v)
+                out[k] = v if tv is str or tv is bool or v is None else self.encode(v, f"{path}.{k}")
             return {"$d": out}
         if t is int:
             return {"$i": str(value)}
@@ -116,6 +118,13 @@ class Encoder:
         if isinstance(value, HttpRequest):
             return self._request(value, path)
         return self._special(value, path)
+
+    def _items(self, values: list | tuple, path: str) -> list:
+        out = []
+        for i, v in enumerate(values):
+            tv = type(v)
+            out.append(v if tv is str or tv is bool or v is None else self.encode(v, f"{path}[{i}]"))
+        return out
 
     def _special(self, value: Any, path: str) -> Any:
         from django.contrib.auth.context_processors import PermWrapper
@@ -276,6 +285,10 @@ def _tz_name(tz: datetime.tzinfo | None, path: str) -> Any:
 # -- decoding (in the worker) --------------------------------------------------------------
 
 
+# What the encoder leaves as orjson data: everything else decodes to itself.
+_CONTAINERS = frozenset((list, dict))
+
+
 class Decoder:
     def __init__(self) -> None:
         self._refs: dict[int, models.Model] = {}
@@ -283,12 +296,12 @@ class Decoder:
     def decode(self, data: Any) -> Any:
         t = type(data)
         if t is list:
-            return [self.decode(v) for v in data]
-        if t is not dict:
+            return [v if type(v) not in _CONTAINERS else self.decode(v) for v in data]
+        if t is not dict or not data:
             return data
-        (tag, first), *_ = data.items()
+        tag, first = next(iter(data.items()))
         if tag == "$d":
-            return {k: self.decode(v) for k, v in first.items()}
+            return {k: v if type(v) not in _CONTAINERS else self.decode(v) for k, v in first.items()}
         if tag == "$s":
             return mark_safe(first)
         if tag == "$t":

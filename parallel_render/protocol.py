@@ -84,10 +84,14 @@ class FrameReader:
         self._buf = bytearray()
         self._max_frame = max_frame
 
-    def feed(self, data: bytes) -> list[Frame]:
-        self._buf += data
+    def feed(self, data: bytes | memoryview) -> list[Frame]:
+        # Nothing held back from the last read (the usual case): parse data where it is
+        # instead of copying it into the buffer first, and keep only an incomplete tail.
+        buf: bytes | bytearray | memoryview = data
+        if self._buf:
+            self._buf += data
+            buf = self._buf
         frames = []
-        buf = self._buf
         pos = 0
         while len(buf) - pos >= HEADER_SIZE:
             magic, version, type_, flags, reserved, job_id, timeout_ms, length = HEADER.unpack_from(buf, pos)
@@ -106,8 +110,11 @@ class FrameReader:
                 break
             frames.append(Frame(type_, flags, job_id, timeout_ms, bytes(buf[pos + HEADER_SIZE : end])))
             pos = end
-        if pos:
-            del buf[:pos]
+        if buf is self._buf:
+            if pos:
+                del self._buf[:pos]
+        elif pos < len(buf):
+            self._buf += buf[pos:]
         return frames
 
     @property

@@ -180,3 +180,12 @@ def test_loaded_session_travels_and_unloaded_one_does_not(rf):
         trip(request).session  # noqa: B018
     request.session["cart"] = 3
     assert trip(request).session["cart"] == 3
+
+
+def test_plain_values_inside_containers_keep_their_types():
+    value = {"s": "x", "safe": mark_safe("<b>"), "big": 2**70, "inf": float("inf"), "none": None, "yes": True,
+             "list": ["a", mark_safe("<i>"), False, None, (1, "b"), 2**70]}
+    out = trip(value)
+    assert out == value
+    assert type(out["safe"]) is SafeString and type(out["list"][1]) is SafeString and type(out["s"]) is str
+    assert type(out["list"][4]) is tuple and type(out["big"]) is int

@@ -9,6 +9,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from parallel_render import protocol as p
+from parallel_render import signing
 
 DOC = (Path(__file__).resolve().parent.parent / "fastrouter" / "PROTOCOL.md").read_text()
 
@@ -83,3 +84,27 @@ def test_addresses():
     assert str(p.parse_address("unix:///run/x.sock")) == "unix:///run/x.sock"
     assert p.parse_address("tcp://127.0.0.1:7878").port == 7878
     assert p.parse_address("tcp://[::1]:7878").host == "::1"
+
+
+def test_frames_read_from_a_reused_buffer_stay_intact():
+    stream = p.encode(p.JOB, 1, b"a" * 50) + p.encode(p.JOB, 2, b"b" * 70)
+    buffer = bytearray(64)
+    reader = p.FrameReader()
+    frames = []
+    for start in range(0, len(stream), 64):
+        chunk = stream[start:start + 64]
+        buffer[:len(chunk)] = chunk
+        frames += reader.feed(memoryview(buffer)[:len(chunk)])
+        buffer[:] = b"\0" * 64  # the next recv overwrites it
+    assert [(f.job_id, f.payload) for f in frames] == [(1, b"a" * 50), (2, b"b" * 70)]
+    assert reader.buffered == 0
+
+
+def test_the_mac_follows_the_secret_key(settings):
+    signed = signing.sign(b"body")
+    assert signing.unsign(signed) == b"body"
+    settings.SECRET_KEY = "another-key"
+    with pytest.raises(signing.BadSignature):
+        signing.unsign(signed)
+    with pytest.raises(signing.BadSignature):
+        signing.unsign(b"short")
