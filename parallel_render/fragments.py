@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import types
 import zoneinfo
 from typing import Any
 
-from django.template import Context, engines
+from django.template import Context, TemplateDoesNotExist, engines
 from django.template.backends.django import DjangoTemplates
+from django.template.loaders.cached import Loader as CachedLoader
+from django.template.utils import InvalidTemplateEngineError
 from django.utils import timezone, translation
 
 
@@ -16,19 +19,37 @@ class SkewError(Exception):
     """The worker's template is not the one the master rendered (a deploy in progress)."""
 
 
+# id(engine) -> the alias it was found under; checked against `engines` on every use.
+_aliases: dict[int, str] = {}
+
+
 def engine_alias(engine: Any) -> str | None:
+    alias = _aliases.get(id(engine))
+    if alias is not None:
+        backend = _backend(alias)
+        if backend is not None and backend.engine is engine:
+            return alias
     for backend in engines.all():
         if isinstance(backend, DjangoTemplates) and backend.engine is engine:
+            if len(_aliases) >= 64:
+                _aliases.clear()
+            _aliases[id(engine)] = backend.name
             return backend.name
     return None
+
+
+def _backend(alias: str) -> DjangoTemplates | None:
+    try:
+        backend = engines[alias]
+    except InvalidTemplateEngineError:  # gone since (TEMPLATES changed)
+        return None
+    return backend if isinstance(backend, DjangoTemplates) else None
 
 
 def timezone_key(tz: datetime.tzinfo) -> Any:
     key = getattr(tz, "key", None)
     if isinstance(key, str):
         return key
-    if tz is datetime.timezone.utc:
-        return "UTC"
     offset = tz.utcoffset(None)
     if offset is None:
         return None
@@ -36,11 +57,17 @@ def timezone_key(tz: datetime.tzinfo) -> Any:
 
 
 def timezone_from_key(key: Any) -> datetime.tzinfo:
-    if key == "UTC":
-        return datetime.timezone.utc
     if isinstance(key, str):
+        # ZoneInfo keeps one instance per key: the zone a process has active is this one.
         return zoneinfo.ZoneInfo(key)
-    return datetime.timezone(datetime.timedelta(seconds=key["offset"]), key["name"])
+    return _fixed_offset(key["offset"], key["name"])
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_offset(seconds: float, name: str) -> datetime.tzinfo:
+    if seconds == 0 and name == "UTC":
+        return datetime.timezone.utc
+    return datetime.timezone(datetime.timedelta(seconds=seconds), name)
 
 
 def capture_env(context: Context) -> dict[str, Any] | None:
@@ -75,8 +102,15 @@ def find_node(template: Any, ordinal: int, digest: str) -> Any:
     return node
 
 
-def render_captured(node: Any, template: Any, values: dict[str, Any], env: dict[str, Any], fallback: bool = False) -> str:
-    """Render a block's body (or its fallback) from captured values, as it rendered in place."""
+def render_captured(
+    node: Any, template: Any, values: dict[str, Any], env: dict[str, Any], fallback: bool = False,
+    override: bool = True,
+) -> str:
+    """Render a block's body (or its fallback) from captured values, as it rendered in place.
+
+    override=False: the caller has made env's language and time zone the active ones
+    already (activate_env), as a worker does for each job.
+    """
     context = Context(autoescape=env["ae"], use_l10n=env["l10n"], use_tz=env["use_tz"])
     if env["has_req"]:
         request = values.get("request")
@@ -85,14 +119,28 @@ def render_captured(node: Any, template: Any, values: dict[str, Any], env: dict[
         context.request = request
     context.template_name = template.name
     nodelist = node.fallback if fallback else node.nodelist
-    with context.render_context.push_state(template):
-        context.template = template
-        try:
-            with translation.override(env["lang"]), timezone.override(timezone_from_key(env["tz"])):
-                with context.push(values):
-                    return nodelist.render(context)
-        finally:
-            context.template = None
+    # The state Template.render sets up (render_context.push_state, the bound template, the
+    # values pushed), without the context managers that would only restore it: this context
+    # is thrown away afterwards.
+    context.render_context.template = template
+    context.render_context.push()
+    context.template = template
+    context.push(values)
+    if not override:
+        return nodelist.render(context)
+    with translation.override(env["lang"]), timezone.override(timezone_from_key(env["tz"])):
+        return nodelist.render(context)
+
+
+def activate_env(env: dict[str, Any]) -> None:
+    """Make env's language and time zone this thread's active ones, until the next call.
+
+    What a worker does before each job instead of overriding them around it: it renders
+    nothing else, so nothing needs the previous ones back, and two writes cost much less
+    than an override's reads and restores (a large part of a small block's cost).
+    """
+    translation.activate(env["lang"])
+    timezone.activate(timezone_from_key(env["tz"]))
 
 
 def worker_template(alias: str, name: str) -> Any:
@@ -100,3 +148,42 @@ def worker_template(alias: str, name: str) -> Any:
     if not isinstance(backend, DjangoTemplates):
         raise SkewError(f"template engine {alias!r} is not a Django engine in this worker")
     return backend.engine.get_template(name)
+
+
+# (engine alias, template name, ordinal, digest) -> (template, node) found for it before.
+_blocks: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
+MAX_BLOCKS = 4096
+
+
+def worker_block(alias: str, name: str, ordinal: int, digest: str) -> tuple[Any, Any]:
+    """The template and the {% parallel %} node a job names, as this worker's engine has them.
+
+    Raises SkewError when the worker has no such template or its block differs. The pair
+    found before is reused only while it is still what the engine would load: the same
+    Template object in the engine's (only) cached loader, so a reset of the loaders (the
+    template changed) or a different engine loads and checks the template again.
+    """
+    key = (alias, name, ordinal, digest)
+    found = _blocks.get(key)
+    if found is not None:
+        backend = _backend(alias)
+        cache = _loaded_templates(backend.engine) if backend is not None else None
+        if cache is not None and cache.get(name) is found[0]:
+            return found
+    try:
+        template = worker_template(alias, name)
+    except TemplateDoesNotExist as exc:
+        raise SkewError(f"template {name!r} not found in this worker") from exc
+    found = (template, find_node(template, ordinal, digest))
+    if len(_blocks) >= MAX_BLOCKS:
+        _blocks.clear()
+    _blocks[key] = found
+    return found
+
+
+def _loaded_templates(engine: Any) -> dict[str, Any] | None:
+    """Where engine.get_template(name) finds a template it loaded before, when it does."""
+    loaders = engine.template_loaders
+    if len(loaders) == 1 and type(loaders[0]) is CachedLoader:
+        return loaders[0].get_template_cache
+    return None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import socket
+import struct
 import time
 import traceback
 from typing import Any
@@ -13,7 +15,6 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.core import signals
-from django.template import TemplateDoesNotExist
 
 from parallel_render import codec, conf, fragments, session, signing
 from parallel_render import protocol as p
@@ -26,6 +27,12 @@ logger = logging.getLogger("parallel_render")
 # stuck in one job (or stopped) is noticed, killed and replaced.
 HEARTBEAT_ENV = "PARALLEL_RENDER_WORKER_HEARTBEAT"
 HEARTBEAT_EVERY = 0.5
+# How long a recv or send on the router socket may block before the loop looks up again
+# (parent alive, heartbeat, told to stop). Kept in the kernel (SO_RCVTIMEO/SO_SNDTIMEO)
+# rather than as a Python socket timeout, which would poll() before every recv and send.
+SOCKET_WAKE = struct.pack("@ll", 1, 0)
+RECV_BUFFER = 1 << 20
+READY_FRAME = p.encode(p.READY)
 
 
 class Worker:
@@ -49,6 +56,10 @@ class Worker:
         self.busy = False
         # Blocks nested in a job go out through this process's own master connection.
         self.nested_client = RouterClient(address) if nested else None
+        self.pid = os.getpid()
+        # Placeholders of nested blocks: a secret of this process and a job counter, so a job
+        # costs no getrandom() yet no page can guess another job's placeholders.
+        self._token_prefix = secrets.token_hex(12)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -96,25 +107,31 @@ class Worker:
             raise SystemExit(0)
 
     def _serve(self, sock: socket.socket) -> None:
-        sock.settimeout(1.0)
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, SOCKET_WAKE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, SOCKET_WAKE)
         hello = p.encode(p.HELLO, payload=signing.hello_payload(p.ROLE_WORKER, self.address.scheme))
-        sock.sendall(hello + p.encode(p.READY))
+        sock.sendall(hello + READY_FRAME)
         self.beat(force=True)
         reader = p.FrameReader()
+        # One buffer for the life of the connection: recv(1 MB) would map and unmap a fresh
+        # megabyte for every job.
+        buffer = bytearray(RECV_BUFFER)
+        view = memoryview(buffer)
         while not self.stopping:
             try:
-                data = sock.recv(1 << 20)
-            except TimeoutError:
+                size = sock.recv_into(buffer)
+            except BlockingIOError:  # SO_RCVTIMEO: nothing for a while
                 self._check_parent()
                 self.beat()
                 continue
             except OSError as exc:
-                logger.warning("worker %d: router connection failed: %s", os.getpid(), exc)
+                logger.warning("worker %d: router connection failed: %s", self.pid, exc)
                 return
-            if not data:
-                logger.info("worker %d: router closed the connection", os.getpid())
+            if not size:
+                logger.info("worker %d: router closed the connection", self.pid)
                 return
-            for frame in reader.feed(data):
+            for frame in reader.feed(view[:size]):
                 if frame.type == p.JOB:
                     self.beat()
                     self.busy = True
@@ -125,11 +142,11 @@ class Worker:
                     self.jobs_done += 1
                     last = bool(self.max_jobs and self.jobs_done >= self.max_jobs) or self.stopping
                     out = p.encode(p.RESULT, frame.job_id, result)
-                    sock.sendall(out if last else out + p.encode(p.READY))
+                    sock.sendall(out if last else out + READY_FRAME)
                     if last:
                         return
                 elif frame.type == p.PROTOCOL_ERROR:
-                    logger.error("worker %d: router says: %s", os.getpid(), frame.payload.decode("utf-8", "replace"))
+                    logger.error("worker %d: router says: %s", self.pid, frame.payload.decode("utf-8", "replace"))
                     return
 
     def handle(self, payload: bytes, timeout_ms: int = 0) -> bytes:
@@ -140,10 +157,10 @@ class Worker:
             job = orjson.loads(signing.unsign(payload))
             nonce = job["n"]
             deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
-            html, nested = render_job(job, self.nested_client, deadline)
+            html, nested = render_job(job, self.nested_client, deadline, f"{self._token_prefix}{self.jobs_done:08x}")
             result: dict[str, Any] = {"ok": True, "html": html, "nested": nested}
         except Exception as exc:
-            logger.info("worker %d: block failed: %s: %s", os.getpid(), type(exc).__name__, exc)
+            logger.info("worker %d: block failed: %s: %s", self.pid, type(exc).__name__, exc)
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             if isinstance(exc, (fragments.SkewError, codec.RemoteAttributeError)):
                 # Not the block's fault: it needs the master (other code, or something that
@@ -154,44 +171,46 @@ class Worker:
         finally:
             signals.request_finished.send(sender=self.__class__)
         result["n"] = nonce
-        result["pid"] = os.getpid()
+        result["pid"] = self.pid
         result["ms"] = (time.perf_counter() - started) * 1000
         body = signing.sign(orjson.dumps(result))
         limit = min(conf.get_config()["MAX_PAYLOAD"], p.MAX_FRAME)
         if len(body) > limit:
             # The router would refuse the frame (and drop this connection): say so instead,
             # and let the master render the block.
-            too_big = {"ok": False, "master_only": True, "n": nonce, "pid": os.getpid(), "ms": result["ms"],
+            too_big = {"ok": False, "master_only": True, "n": nonce, "pid": self.pid, "ms": result["ms"],
                        "error": f"result of {len(body)} bytes exceeds MAX_PAYLOAD ({limit})"}
             body = signing.sign(orjson.dumps(too_big))
         return body
 
 
-def render_job(job: dict[str, Any], nested: RouterClient | None = None, deadline: float | None = None) -> tuple[str, int]:
+def render_job(
+    job: dict[str, Any], nested: RouterClient | None = None, deadline: float | None = None, token: str | None = None
+) -> tuple[str, int]:
     """The block's HTML, and how many blocks nested in it went to other workers.
 
     With a client, blocks nested in this one go to workers that are idle right now, and
-    are stitched in here; the others render in this worker, as inline blocks do.
+    are stitched in here; the others render in this worker, as inline blocks do. token
+    names their placeholders (by default a fresh random one).
     """
     if job.get("v") != 1:
         raise ValueError(f"unsupported job version {job.get('v')!r}")
-    try:
-        template = fragments.worker_template(job["e"], job["t"])
-    except TemplateDoesNotExist as exc:
-        raise fragments.SkewError(f"template {job['t']!r} not found in this worker") from exc
-    node = fragments.find_node(template, job["o"], job["h"])
+    template, node = fragments.worker_block(job["e"], job["t"], job["o"], job["h"])
+    # The master's language and time zone, for the context processors run here too.
+    fragments.activate_env(job["env"])
     decoder = codec.Decoder()
     values = {name: decoder.decode(value) for name, value in job["c"].items()}
     if "req" in job:
         values = codec.run_worker_processors(decoder.decode(job["req"]), values)
     if nested is None:
-        return fragments.render_captured(node, template, values, job["env"]), 0
-    current = session.RenderSession(None, nested, nested=True, deadline=deadline)
-    token = session.activate(current)
+        return fragments.render_captured(node, template, values, job["env"], override=False), 0
+    named = {"token": token} if token is not None else {}
+    current = session.RenderSession(None, nested, nested=True, deadline=deadline, **named)
+    activated = session.activate(current)
     try:
-        html = fragments.render_captured(node, template, values, job["env"])
+        html = fragments.render_captured(node, template, values, job["env"], override=False)
     finally:
-        session.deactivate(token)
+        session.deactivate(activated)
     if not current.fragments:
         return html, 0
     from parallel_render.middleware import stitch_text
