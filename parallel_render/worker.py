@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.core import signals
+from django.template import Node
 
 from parallel_render import codec, conf, fragments, session, signing
 from parallel_render import protocol as p
@@ -202,7 +203,7 @@ def render_job(
     values = {name: decoder.decode(value) for name, value in job["c"].items()}
     if "req" in job:
         values = codec.run_worker_processors(decoder.decode(job["req"]), values)
-    if nested is None:
+    if nested is None or not may_nest(node):
         return fragments.render_captured(node, template, values, job["env"], override=False), 0
     named = {"token": token} if token is not None else {}
     current = session.RenderSession(None, nested, nested=True, deadline=deadline, **named)
@@ -216,3 +217,34 @@ def render_job(
     from parallel_render.middleware import stitch_text
 
     return stitch_text(current, html), len(current.fragments)
+
+
+def may_nest(node: Any) -> bool:
+    """Whether rendering this block may render another {% parallel %} block, which then goes
+    to a worker of its own: only then does the job need a render session.
+
+    A block made only of text, variables and Django tags that render no other template
+    cannot; anything else (a nested block, an include, a custom tag) may. A block nested
+    where no session is active renders here, inline, so either answer gives the same HTML.
+    """
+    found = getattr(node, "_may_nest", None)
+    if found is None:
+        found = node._may_nest = any(type(n) not in _PLAIN_NODES for n in node.nodelist.get_nodes_by_type(Node))
+    return found
+
+
+def _plain_nodes() -> frozenset[type]:
+    from django.template import base, defaulttags
+    from django.templatetags import i18n, l10n, tz
+
+    return frozenset((
+        base.TextNode, base.VariableNode, defaulttags.ForNode, defaulttags.IfNode, defaulttags.WithNode,
+        defaulttags.CommentNode, defaulttags.AutoEscapeControlNode, defaulttags.FilterNode,
+        defaulttags.SpacelessNode, defaulttags.VerbatimNode, defaulttags.LoadNode, defaulttags.CsrfTokenNode,
+        defaulttags.NowNode, defaulttags.FirstOfNode, defaulttags.URLNode, defaulttags.WidthRatioNode,
+        defaulttags.TemplateTagNode, i18n.TranslateNode, i18n.BlockTranslateNode, i18n.LanguageNode,
+        l10n.LocalizeNode, tz.LocalTimeNode, tz.TimezoneNode,
+    ))
+
+
+_PLAIN_NODES = _plain_nodes()

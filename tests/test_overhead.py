@@ -26,7 +26,7 @@ from parallel_render.fragments import (
     worker_block,
 )
 from parallel_render.templatetags.parallel import parallel_nodes
-from parallel_render.worker import render_job
+from parallel_render.worker import may_nest, render_job
 
 
 def test_parallel_bench_overhead_reports_each_role(transactional_db, capsys):
@@ -149,3 +149,19 @@ def test_an_engine_is_named_by_the_current_template_settings():
         assert engine_alias(engine) is None
         assert engine_alias(engines["renamed"].engine) == "renamed"
     assert engine_alias(engines["django"].engine) == "django"
+
+
+@pytest.mark.parametrize(
+    ("body", "nests"),
+    [
+        ("<li>{{ row.label }} {% if row.i %}#{{ row.i|add:1 }}{% endif %}</li>", False),
+        ("{% for x in xs %}{% with y=x %}{% translate 'Hi' %}{{ y }}{% endwith %}{% endfor %}", False),
+        ("{% parallel %}inner{% endparallel %}", True),
+        ('{% include "t/_item.html" %}', True),
+        ("{% for x in xs %}{% if x %}{% parallel %}{{ x }}{% endparallel %}{% endif %}{% endfor %}", True),
+    ],
+)
+def test_a_job_gets_a_render_session_only_when_its_block_may_nest_another(body, nests):
+    name, _path = generated("{% load parallel i18n %}{% parallel %}" + body + "{% endparallel %}")
+    node = parallel_nodes(engines["django"].engine.get_template(name))[0]
+    assert may_nest(node) is nests
