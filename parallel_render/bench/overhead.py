@@ -1,6 +1,7 @@
 """What a {% parallel %} block costs in CPU, per process role, when it does no work at all.
 
-One run starts a private router and workers, sends every block (MIN_BLOCK_MS=0), and
+One run starts a private router and workers, sends every block (MIN_BLOCK_MS=0, and
+ADAPTIVE=False so none is kept back because the workers are busy), and
 renders a page of N trivial blocks in this process through the middleware (Django's test
 client), serially and in parallel, alternating which mode goes first each round. The CPU
 time (user + system) of this process (the master), of the router and of every worker is
@@ -40,25 +41,35 @@ def process_cpu(pid: int) -> float:
         return times.user + times.system
 
 
-def master_cpu() -> float:
-    return process_cpu(os.getpid())
+def kernel_cpu(pid: int) -> float:
+    """Seconds of CPU a process has spent in the kernel (10 ms ticks: summed over a whole run)."""
+    import psutil
+
+    return psutil.Process(pid).cpu_times().system
 
 
-def sample(pids: Sequence[int]) -> dict[str, float]:
+def sample(pids: Sequence[int], of: Callable[[int], float] = process_cpu) -> dict[str, float]:
     """CPU seconds so far of this process, the router (pids[0]) and the workers (the rest)."""
-    return {"master": master_cpu(), "router": process_cpu(pids[0]), "workers": sum(process_cpu(p) for p in pids[1:])}
+    return {"master": of(os.getpid()), "router": of(pids[0]), "workers": sum(of(p) for p in pids[1:])}
 
 
-def batch(fetch: Callable[[bool], Any], serial: bool, pages: int, pids: Sequence[int]) -> tuple[dict[str, float], list[float]]:
-    """CPU seconds each role spent on `pages` pages, and each page's wall time in ms."""
+def batch(
+    fetch: Callable[[bool], Any], serial: bool, pages: int, pids: Sequence[int]
+) -> tuple[dict[str, float], dict[str, float], list[float]]:
+    """CPU seconds, and of those kernel seconds, each role spent on `pages` pages, and each
+    page's wall time in ms."""
     walls = []
-    before = sample(pids)
+    before, kernel_before = sample(pids), sample(pids, kernel_cpu)
     for _ in range(pages):
         started = time.perf_counter()
         fetch(serial)
         walls.append((time.perf_counter() - started) * 1000)
-    after = sample(pids)
-    return {role: after[role] - before[role] for role in before}, walls
+    after, kernel_after = sample(pids), sample(pids, kernel_cpu)
+    return (
+        {role: after[role] - before[role] for role in before},
+        {role: kernel_after[role] - kernel_before[role] for role in before},
+        walls,
+    )
 
 
 def run(fetch: Callable[[bool], Any], pids_of: Callable[[], list[int]], blocks: int, pages: int, rounds: int,
@@ -69,12 +80,13 @@ def run(fetch: Callable[[bool], Any], pids_of: Callable[[], list[int]], blocks: 
         fetch(True)
     per_round: dict[str, list[float]] = {role: [] for role in ROLES}
     cpu_ms: dict[str, dict[str, list[float]]] = {"serial": {}, "parallel": {}}
+    kernel = {role: 0.0 for role in ROLES}  # parallel - serial kernel seconds, whole run
     walls: dict[str, list[float]] = {"serial": [], "parallel": []}
     for i in range(rounds):
         pids = pids_of()
-        spent = {}
+        spent, in_kernel = {}, {}
         for mode in (("serial", "parallel") if i % 2 else ("parallel", "serial")):
-            spent[mode], page_walls = batch(fetch, mode == "serial", pages, pids)
+            spent[mode], in_kernel[mode], page_walls = batch(fetch, mode == "serial", pages, pids)
             walls[mode] += page_walls
             for role, seconds in spent[mode].items():
                 cpu_ms[mode].setdefault(role, []).append(seconds * 1000 / pages)
@@ -82,10 +94,14 @@ def run(fetch: Callable[[bool], Any], pids_of: Callable[[], list[int]], blocks: 
             continue
         for role in ROLES[:-1]:
             per_round[role].append((spent["parallel"][role] - spent["serial"][role]) * 1e6 / (pages * blocks))
+            kernel[role] += in_kernel["parallel"][role] - in_kernel["serial"][role]
         per_round["total"].append(sum(per_round[role][-1] for role in ROLES[:-1]))
     if not per_round["total"]:
         raise RuntimeError("every round saw a worker restart; nothing to report")
+    kernel["total"] = sum(kernel[role] for role in ROLES[:-1])
+    measured_blocks = len(per_round["total"]) * pages * blocks
     return {
+        "kernel_us_per_block": {role: seconds * 1e6 / measured_blocks for role, seconds in kernel.items()},
         "blocks": blocks,
         "pages": pages,
         "rounds": len(per_round["total"]),
@@ -100,9 +116,9 @@ def run(fetch: Callable[[bool], Any], pids_of: Callable[[], list[int]], blocks: 
 
 def format_result(result: dict[str, Any], command: str) -> str:
     us, lo, hi = result["us_per_block"], result["us_per_block_min"], result["us_per_block_max"]
-    cpu = result["cpu_ms_per_page"]
+    cpu, kernel = result["cpu_ms_per_page"], result["kernel_us_per_block"]
     rows = [
-        [role, us[role], lo[role], hi[role], cpu["serial"].get(role, sum(cpu["serial"].values())),
+        [role, us[role], lo[role], hi[role], kernel[role], cpu["serial"].get(role, sum(cpu["serial"].values())),
          cpu["parallel"].get(role, sum(cpu["parallel"].values()))]
         for role in ROLES
     ]
@@ -111,8 +127,8 @@ def format_result(result: dict[str, Any], command: str) -> str:
     return (
         f"{result['blocks']} trivial blocks per page, {result['pages']} pages per mode per round, "
         f"{result['rounds']} rounds interleaved; µs of CPU per block = (parallel - serial) / blocks, "
-        "median (min, max) over rounds\n"
-        + table(["role", "µs/block", "min", "max", "serial CPU ms/page", "parallel CPU ms/page"], rows)
+        "median (min, max) over rounds; the kernel's part over the whole run\n"
+        + table(["role", "µs/block", "min", "max", "of which kernel", "serial CPU ms/page", "parallel CPU ms/page"], rows)
         + "\n\nwall time per page\n"
         + table(["mode", "p50 ms", "p90 ms", "p99 ms"], walls)
         + f"\n\nreproduce: {command}\n"
@@ -151,6 +167,7 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
     from django.core.management.base import CommandError
     from django.test import Client, override_settings
 
+    from parallel_render import conf
     from parallel_render.cluster import LocalCluster
 
     for name in ("blocks", "pages", "rounds", "workers"):
@@ -174,6 +191,9 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         cluster.wait_ready()
         config = {**(getattr(settings, "PARALLEL_RENDER", None) or {}), "MIN_BLOCK_MS": 0, "ROUTER": cluster.address,
                   "SERIAL_HEADER": "X-Parallel-Render"}
+        if "ADAPTIVE" in conf.DEFAULTS:
+            # Every block goes to a worker: this measures what sending one costs.
+            config["ADAPTIVE"] = False
         with override_settings(PARALLEL_RENDER=config):
             check_page(client, path, blocks)
 
