@@ -72,8 +72,6 @@ class RouterClient:
         self._next_id = 1
         self._pending: set[int] = set()
         self._answers: dict[int, Answer] = {}
-        # Submits not yet written: cheap blocks of one page go out in one write (see flush()).
-        self._outbox: list[bytes] = []
         # WITHDRAW requests waiting for their WITHDRAWN, and the "not taken" answers read for them.
         self._withdrawing: set[int] = set()
         self._not_taken: set[int] = set()
@@ -118,8 +116,6 @@ class RouterClient:
             except OSError:
                 pass
             self._sock = None
-        # Submits never written are answered below with the rest; they must not go out later.
-        self._outbox.clear()
         self._last_error = reason
         self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, self.BACKOFF_MAX)
@@ -137,15 +133,11 @@ class RouterClient:
 
     # -- jobs -----------------------------------------------------------------------------
 
-    def submit(
-        self, payload: bytes, timeout: float, high_priority: bool = False, no_queue: bool = False, defer: bool = False
-    ) -> int:
+    def submit(self, payload: bytes, timeout: float, high_priority: bool = False, no_queue: bool = False) -> int:
         """Queue a job and return its id at once; raise RouterUnavailable if it cannot be sent.
 
         no_queue: the router answers BUSY unless a worker is idle right now (nested blocks
         use it, so they never wait on a queue only their own worker could drain).
-        defer: keep the frame until the next flush() (or the next frame this process writes),
-        so a page's cheap blocks cost one write between them.
         """
         if len(payload) > self.max_payload:
             raise ValueError(f"job of {len(payload)} bytes exceeds MAX_PAYLOAD ({self.max_payload})")
@@ -155,39 +147,27 @@ class RouterClient:
             self._ensure_connected()
             job_id = self._next_id
             self._next_id += 1
-            self._outbox.append(p.header(p.SUBMIT, job_id, len(payload), flags, timeout_ms))
-            self._outbox.append(payload)
             self._pending.add(job_id)
-            if not defer:
-                self._flush_locked()
+            if not self._send_locked(p.header(p.SUBMIT, job_id, len(payload), flags, timeout_ms), payload):
+                self._pending.discard(job_id)
+                self._answers.pop(job_id, None)
+                raise RouterUnavailable(f"fastrouter at {self.address}: {self._last_error}")
             return job_id
 
-    def flush(self) -> None:
-        """Write every deferred submit now."""
-        with self._lock:
-            self._flush_locked()
-
-    def _flush_locked(self, *extra: bytes) -> bool:
-        """With the lock held: write the outbox and extra frames. False when the connection failed
-        (every unanswered job of it has been answered ERROR)."""
+    def _send_locked(self, *frames: bytes) -> bool:
+        """With the lock held: write frames in one call. False when the connection failed
+        (every unanswered job on it has been answered ERROR)."""
         sock = self._sock
         if sock is None:
-            self._outbox.clear()
             return False
-        parts = self._outbox
-        parts.extend(extra)
-        if not parts:
-            return True
         try:
-            if len(parts) == 1 or sum(len(part) for part in parts) < 16384:
-                sock.sendall(b"".join(parts))
+            if len(frames) == 1 or sum(len(frame) for frame in frames) < 16384:
+                sock.sendall(b"".join(frames))
             else:
-                _sendall_gather(sock, parts)
+                _sendall_gather(sock, list(frames))
         except OSError as exc:
             self._fail_connection(f"send failed: {exc}")
             return False
-        finally:
-            parts.clear()
         return True
 
     def cancel(self, job_ids: list[int]) -> None:
@@ -197,7 +177,7 @@ class RouterClient:
                 self._answers.pop(job_id, None)
             if self._sock is None or not job_ids:
                 return
-            self._flush_locked(*(p.encode(p.CANCEL, job_id) for job_id in job_ids))
+            self._send_locked(*(p.encode(p.CANCEL, job_id) for job_id in job_ids))
 
     def withdraw(self, job_id: int, deadline: float) -> bool | None:
         """Take a job back from the router if no worker has started it.
@@ -213,7 +193,7 @@ class RouterClient:
                 return None
             self._withdrawing.add(job_id)
             try:
-                if not self._flush_locked(p.encode(p.WITHDRAW, job_id)):
+                if not self._send_locked(p.encode(p.WITHDRAW, job_id)):
                     return None
                 while True:
                     answer = self._answers.get(job_id)
@@ -261,8 +241,6 @@ class RouterClient:
         wanted = set(job_ids)
         got: dict[int, Answer] = {}
         with self._cond:
-            if self._outbox:
-                self._flush_locked()
             while True:
                 for job_id in list(wanted):
                     answer = self._answers.pop(job_id, None)

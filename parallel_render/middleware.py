@@ -86,8 +86,9 @@ class ParallelRenderMiddleware:
 
 def abandon(current: session.RenderSession) -> None:
     """The view raised after blocks went out: tell the router, so nothing waits for them."""
+    current.bundle.clear()  # never sent
     if current.fragments:
-        current.client.cancel([f.job_id for f in current.fragments])
+        current.client.cancel(sorted({f.job_id for f in current.fragments if f.job_id}))
 
 
 def stitch(current: session.RenderSession, response: HttpResponse) -> None:
@@ -129,34 +130,44 @@ def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
     queue for work it could do. The router's queue is first in, first out, so once the
     newest block still out is with a worker, every older one is too.
     """
+    current.send_bundle()
     fragments = current.fragments
     client = current.client
     deadline = max(f.deadline for f in fragments) + GRACE
     html: dict[int, str] = {}
     timing: dict[int, str] = {}
+    jobs: dict[int, list[session.Pending]] = {}  # job id -> its blocks, in the order sent
+    for f in fragments:
+        if f.job_id:
+            jobs.setdefault(f.job_id, []).append(f)
     taken: set[int] = set()
     # Nested blocks never queue (FLAG_NO_QUEUE): nothing to take back.
     if not current.nested and conf.get_config()["ADAPTIVE"]:
-        for f in reversed(fragments):
-            outcome = client.withdraw(f.job_id, deadline)
+        for job_id in sorted(jobs, reverse=True):  # a connection's job ids grow: newest first
+            outcome = client.withdraw(job_id, deadline)
             if outcome is False:
                 break
             if outcome is True:
-                taken.add(f.job_id)
-                started = time.perf_counter()
-                html[f.index] = f.node.rescue(f, "taken back: no worker had started it", NOT_RENDERED)
-                ms = (time.perf_counter() - started) * 1000
-                f.node.observe(ms)
-                timing[f.index] = (f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
-                                   f'desc="{f.node.label} master render {ms:.1f}ms: taken back"')
+                taken.add(job_id)
+                for f in jobs[job_id]:
+                    started = time.perf_counter()
+                    html[f.index] = f.node.rescue(f, "taken back: no worker had started it", NOT_RENDERED)
+                    ms = (time.perf_counter() - started) * 1000
+                    f.node.observe(ms)
+                    timing[f.index] = (f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
+                                       f'desc="{f.node.label} master render {ms:.1f}ms: taken back"')
     waited_from = time.monotonic()
-    answers = client.collect([f.job_id for f in fragments if f.job_id not in taken], deadline)
+    answers = client.collect([job_id for job_id in jobs if job_id not in taken], deadline)
     waited = time.monotonic() - waited_from
+    decoded: dict[int, Any] = {}
     for f in fragments:
         if f.job_id in taken:
             continue
         answer = answers.get(f.job_id)
-        result, why, kind = _result(f, answer)
+        if not f.job_id:
+            result, why, kind = None, f.unsent, NOT_RENDERED
+        else:
+            result, why, kind = _result(f, answer, decoded)
         if result is not None:
             html[f.index] = result["html"]
             f.node.observe(result["ms"])
@@ -184,7 +195,11 @@ def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
 FAILED, TIMED_OUT, NOT_RENDERED = "failed", "timed out", "not rendered"
 
 
-def _result(f: session.Pending, answer: Any) -> tuple[dict | None, str, str]:
+def _result(f: session.Pending, answer: Any, decoded: dict[int, Any]) -> tuple[dict | None, str, str]:
+    """What the answer to f's job says of f: (result, "", "") or (None, why, kind).
+
+    decoded caches each job's parsed result, for the blocks that share a bundle's job.
+    """
     if answer is None:
         return None, "no answer before the page deadline", TIMED_OUT
     if answer.type == p.TIMEOUT:
@@ -194,10 +209,27 @@ def _result(f: session.Pending, answer: Any) -> tuple[dict | None, str, str]:
     if answer.type == p.ERROR:
         why = "router error: " + answer.payload.decode("utf-8", "replace")
         return None, why, FAILED if answer.flags == p.ERROR_WORKER_LOST else NOT_RENDERED
-    try:
-        result = orjson.loads(signing.unsign(answer.payload))
-    except (signing.BadSignature, orjson.JSONDecodeError) as exc:
-        return None, f"bad result: {exc}", NOT_RENDERED
+    result = decoded.get(f.job_id)
+    if result is None:
+        try:
+            result = orjson.loads(signing.unsign(answer.payload))
+        except (signing.BadSignature, orjson.JSONDecodeError) as exc:
+            result = {"bad": f"bad result: {exc}"}
+        if not isinstance(result, dict):
+            result = {"bad": "bad result: not an object"}
+        decoded[f.job_id] = result
+    if "bad" in result:
+        return None, result["bad"], NOT_RENDERED
+    if f.part is not None:
+        parts = result.get("bundle")
+        if not isinstance(parts, list):
+            # The bundle failed as a whole (e.g. its result was too large to send back).
+            kind = NOT_RENDERED if result.get("master_only") else FAILED
+            return None, f"worker error: {result.get('error', 'no result for the bundle')}", kind
+        part = parts[f.part] if f.part < len(parts) else None
+        if not isinstance(part, dict):
+            return None, "bad result: the bundle's answer lacks this block", NOT_RENDERED
+        result = {**part, "pid": result.get("pid")}
     if result.get("n") != f.nonce:
         # Never stitch a fragment into a page it was not rendered for.
         logger.error("result for %s carried the wrong nonce; discarded", f.node.label)

@@ -24,6 +24,10 @@ class Pending:
     submitted: float
     deadline: float
     nested: bool = False
+    # A block sent in a bundle: its place in the bundle's job (None for a job of its own).
+    part: int | None = None
+    # Why a bundled block never went out (its job id stays 0); the master renders it.
+    unsent: str = ""
 
 
 @dataclass
@@ -38,8 +42,34 @@ class RenderSession:
     # a worker that is idle right now, and never past the outer job's own deadline.
     nested: bool = False
     deadline: float | None = None
-    # Expected cost (ms) of the cheap blocks submitted since the last write to the router.
-    deferred_ms: float = 0.0
+    # Cheap blocks waiting to go out together as one job: their fragments and encoded jobs.
+    bundle: list[tuple[Pending, bytes]] = field(default_factory=list)
+    bundle_ms: float = 0.0
+
+    def add_to_bundle(self, pending: Pending, body: bytes, cost_ms: float, full_ms: float) -> None:
+        """Add a cheap block to the open bundle; send the bundle once it holds full_ms of work
+        (or half the largest job the client may send)."""
+        self.bundle.append((pending, body))
+        self.bundle_ms += cost_ms
+        if self.bundle_ms >= full_ms or sum(len(b) for _p, b in self.bundle) > self.client.max_payload // 2:
+            self.send_bundle()
+
+    def send_bundle(self) -> None:
+        """Submit the open bundle as one job: {"v": 1, "bundle": [block job, ...]}."""
+        if not self.bundle:
+            return
+        from parallel_render import signing
+        from parallel_render.client import RouterUnavailable
+
+        parts, self.bundle, self.bundle_ms = self.bundle, [], 0.0
+        body = b'{"v":1,"bundle":[' + b",".join(b for _p, b in parts) + b"]}"
+        timeout = min(pending.deadline for pending, _b in parts) - time.monotonic()
+        try:
+            job_id, why = self.client.submit(signing.sign(body), max(timeout, 0.001)), ""
+        except (RouterUnavailable, ValueError) as exc:
+            job_id, why = 0, str(exc)
+        for k, (pending, _b) in enumerate(parts):
+            pending.job_id, pending.part, pending.unsent = job_id, k, why
 
     def placeholder(self, index: int) -> str:
         # Only characters that HTML escaping, JSON encoding and URL-safe contexts leave alone.

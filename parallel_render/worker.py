@@ -151,38 +151,60 @@ class Worker:
                     return
 
     def handle(self, payload: bytes, timeout_ms: int = 0) -> bytes:
+        """Render a job, one block or a bundle of cheap ones, and return the signed result."""
         started = time.perf_counter()
-        nonce = None
         signals.request_started.send(sender=self.__class__)
         try:
-            job = orjson.loads(signing.unsign(payload))
-            nonce = job["n"]
-            deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
-            html, nested = render_job(job, self.nested_client, deadline, f"{self._token_prefix}{self.jobs_done:08x}")
-            result: dict[str, Any] = {"ok": True, "html": html, "nested": nested}
-        except Exception as exc:
-            logger.info("worker %d: block failed: %s: %s", self.pid, type(exc).__name__, exc)
-            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            if isinstance(exc, (fragments.SkewError, codec.RemoteAttributeError)):
-                # Not the block's fault: it needs the master (other code, or something that
-                # was not sent), so the master renders it rather than show its fallback.
-                result["master_only"] = True
-            if settings.DEBUG:
-                result["traceback"] = traceback.format_exc()
+            try:
+                job = orjson.loads(signing.unsign(payload))
+            except Exception as exc:
+                result = self._failure(exc)
+                result["n"] = None
+            else:
+                deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
+                token = f"{self._token_prefix}{self.jobs_done:08x}"
+                if isinstance(job, dict) and isinstance(job.get("bundle"), list):
+                    parts = [self._render_one(sub, deadline, f"{token}{k:04x}") for k, sub in enumerate(job["bundle"])]
+                    result = {"ok": True, "bundle": parts}
+                else:
+                    result = self._render_one(job, deadline, token)
         finally:
             signals.request_finished.send(sender=self.__class__)
-        result["n"] = nonce
         result["pid"] = self.pid
-        result["ms"] = (time.perf_counter() - started) * 1000
+        # A block's own "ms" is its rendering (the master's cost model); a bundle's is the job's.
+        result.setdefault("ms", (time.perf_counter() - started) * 1000)
         body = signing.sign(orjson.dumps(result))
         limit = min(conf.get_config()["MAX_PAYLOAD"], p.MAX_FRAME)
         if len(body) > limit:
             # The router would refuse the frame (and drop this connection): say so instead,
-            # and let the master render the block.
-            too_big = {"ok": False, "master_only": True, "n": nonce, "pid": self.pid, "ms": result["ms"],
-                       "error": f"result of {len(body)} bytes exceeds MAX_PAYLOAD ({limit})"}
+            # and let the master render the block (every block of a bundle).
+            too_big = {"ok": False, "master_only": True, "n": result.get("n"), "pid": self.pid,
+                       "ms": result["ms"], "error": f"result of {len(body)} bytes exceeds MAX_PAYLOAD ({limit})"}
             body = signing.sign(orjson.dumps(too_big))
         return body
+
+    def _render_one(self, job: Any, deadline: float | None, token: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        nonce = job.get("n") if isinstance(job, dict) else None
+        try:
+            html, nested = render_job(job, self.nested_client, deadline, token)
+            result: dict[str, Any] = {"ok": True, "html": html, "nested": nested}
+        except Exception as exc:
+            result = self._failure(exc)
+        result["n"] = nonce
+        result["ms"] = (time.perf_counter() - started) * 1000
+        return result
+
+    def _failure(self, exc: Exception) -> dict[str, Any]:
+        logger.info("worker %d: block failed: %s: %s", self.pid, type(exc).__name__, exc)
+        result: dict[str, Any] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        if isinstance(exc, (fragments.SkewError, codec.RemoteAttributeError)):
+            # Not the block's fault: it needs the master (other code, or something that
+            # was not sent), so the master renders it rather than show its fallback.
+            result["master_only"] = True
+        if settings.DEBUG:
+            result["traceback"] = traceback.format_exc()
+        return result
 
 
 def render_job(

@@ -177,7 +177,7 @@ def test_take_back_races_workers_starting_the_same_jobs(router):
         rng = random.Random(n)
         for i in range(300):
             name = f"{n}-{i}".encode()
-            ids = {client.submit(name + b"-" + bytes([k + 48]), 5.0, defer=k < 2): name + b"-" + bytes([k + 48])
+            ids = {client.submit(name + b"-" + bytes([k + 48]), 5.0): name + b"-" + bytes([k + 48])
                    for k in range(3)}
             if rng.random() < 0.5:
                 time.sleep(rng.random() / 5000)
@@ -295,3 +295,35 @@ def test_without_adaptive_every_block_waits_for_a_worker(tcp_worker, settings):
     response = Client().get("/p/takeback/?sleep=0.05")
     assert not rescued(response)
     assert block_pids(response) == [tcp_worker.worker_pids[0]] * 4
+
+
+# -- cheap blocks share a job ---------------------------------------------------------------
+
+
+def test_cheap_blocks_travel_together_in_one_job(parallel):
+    client = Client()
+    router = RouterClient(parallel.address)
+    path = "/p/bundle/?marker=m&n=12"
+    for _ in range(3):
+        client.get(path)  # measures the blocks: each costs far less than a job's worth (1 ms)
+    serial = client.get(path, **SERIAL_HEADER)
+    before = router.stats()
+    response = client.get(path)
+    after = router.stats()
+    assert response.content == serial.content
+    assert len(block_pids(response)) == 12 and not rescued(response)
+    assert after["submitted"] - before["submitted"] < 12
+    assert len(set(block_pids(response))) <= after["submitted"] - before["submitted"]
+
+
+def test_a_failing_block_in_a_bundle_costs_only_itself(parallel, settings):
+    settings.DEBUG = False
+    client = Client()
+    for _ in range(3):
+        client.get("/p/bundle/?marker=m&n=8")
+    response = client.get("/p/bundle/?marker=m&n=8&fail=3")
+    body = response.content.decode()
+    assert "<i>sorry 3</i>" in body
+    assert all(f"<i>m-{i}</i>" in body for i in range(8) if i != 3)
+    assert len(block_pids(response)) == 7
+    assert rescued(response) == ["worker error: ValueError: boom"]

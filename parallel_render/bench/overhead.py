@@ -7,6 +7,9 @@ client), serially and in parallel, alternating which mode goes first each round.
 time (user + system) of this process (the master), of the router and of every worker is
 read before and after each batch of pages; a block's overhead is (parallel - serial) / blocks
 for each role, and the table shows the median over the rounds.
+
+Blocks this cheap travel to the workers in bundles, several to a job (docs/dispatch.md);
+--alone sends each in a job of its own, which is what a block worth sending alone costs.
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ def format_result(result: dict[str, Any], command: str) -> str:
     w = result["wall_ms"]
     walls = [[mode, w[mode]["p50"], w[mode]["p90"], w[mode]["p99"]] for mode in ("serial", "parallel")]
     return (
-        f"{result['blocks']} trivial blocks per page, {result['pages']} pages per mode per round, "
+        f"{result['blocks']} trivial blocks per page ({result.get('jobs', 'bundles')}), "
+        f"{result['pages']} pages per mode per round, "
         f"{result['rounds']} rounds interleaved; µs of CPU per block = (parallel - serial) / blocks, "
         "median (min, max) over rounds; the kernel's part over the whole run\n"
         + table(["role", "µs/block", "min", "max", "of which kernel", "serial CPU ms/page", "parallel CPU ms/page"], rows)
@@ -141,6 +145,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--pages", type=int, default=20, help="pages per mode in each round")
     parser.add_argument("--rounds", type=int, default=9, help="rounds (the table shows medians)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
+    parser.add_argument("--alone", action="store_true",
+                        help="one job per block, as for blocks costing more than a bundle's worth (1 ms)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -167,7 +173,7 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
     from django.core.management.base import CommandError
     from django.test import Client, override_settings
 
-    from parallel_render import conf
+    from parallel_render import conf, policy
     from parallel_render.cluster import LocalCluster
 
     for name in ("blocks", "pages", "rounds", "workers"):
@@ -178,6 +184,7 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
     command = (
         f"python manage.py parallel_bench overhead --blocks {blocks} --pages {options['pages']} "
         f"--rounds {options['rounds']} --workers {options['workers']}"
+        + (" --alone" if options["alone"] else "")
         + (f" --path '{options['path']}'" if options["path"] != "/trivial/?n={blocks}" else "")
     )
     client = Client()
@@ -194,13 +201,20 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         if "ADAPTIVE" in conf.DEFAULTS:
             # Every block goes to a worker: this measures what sending one costs.
             config["ADAPTIVE"] = False
-        with override_settings(PARALLEL_RENDER=config):
-            check_page(client, path, blocks)
+        bundle_ms = policy.BATCH_MS
+        if options["alone"]:
+            policy.BATCH_MS = 0.0
+        try:
+            with override_settings(PARALLEL_RENDER=config):
+                check_page(client, path, blocks)
 
-            def pids() -> list[int]:
-                assert cluster.router is not None
-                return [cluster.router.pid, *cluster.worker_pids]
+                def pids() -> list[int]:
+                    assert cluster.router is not None
+                    return [cluster.router.pid, *cluster.worker_pids]
 
-            result = run(fetch, pids, blocks, options["pages"], options["rounds"])
-    result.update(path=path, workers=options["workers"], debug=settings.DEBUG, command=command)
+                result = run(fetch, pids, blocks, options["pages"], options["rounds"])
+        finally:
+            policy.BATCH_MS = bundle_ms
+    result.update(path=path, workers=options["workers"], debug=settings.DEBUG, command=command,
+                  jobs="one per block" if options["alone"] else "bundles")
     stdout.write(orjson.dumps(result).decode() if options["json"] else format_result(result, command))

@@ -111,22 +111,25 @@ class ParallelNode(Node):
             timeout = min(timeout, current.deadline - time.monotonic())
             if timeout <= 0.001:
                 return self._inline_because(current, context, "the enclosing block's deadline has passed", warn=False)
-        # A cheap block waits for the page's next blocks, so they share one write (flushed
-        # at the latest when the master starts waiting).
-        defer = self.cost_ms is not None and current.deferred_ms + self.cost_ms < policy.BATCH_MS
-        current.deferred_ms = current.deferred_ms + self.cost_ms if defer else 0.0
+        now = time.monotonic()
+        pending = session.Pending(
+            index, 0, self, values, env, context.template, nonce, now, now + timeout, current.nested
+        )
+        if not current.nested and self.cost_ms is not None and self.cost_ms < policy.BATCH_MS:
+            # Too cheap to be worth a job of its own: it travels with the page's other cheap
+            # blocks, in one job, once they add up to a job's worth of work.
+            current.fragments.append(pending)
+            current.add_to_bundle(pending, body, self.cost_ms, policy.BATCH_MS)
+            return current.placeholder(index)
         try:
-            job_id = current.client.submit(
-                signing.sign(body), timeout, high_priority=current.nested, no_queue=current.nested, defer=defer
+            pending.job_id = current.client.submit(
+                signing.sign(body), timeout, high_priority=current.nested, no_queue=current.nested
             )
         except RouterUnavailable as exc:
             return self._inline_because(current, context, str(exc), warn=False)
         except ValueError as exc:  # larger than MAX_PAYLOAD
             return self._inline_because(current, context, str(exc))
-        now = time.monotonic()
-        current.fragments.append(
-            session.Pending(index, job_id, self, values, env, context.template, nonce, now, now + timeout, current.nested)
-        )
+        current.fragments.append(pending)
         return current.placeholder(index)
 
     def _render_measured(self, current: session.RenderSession, context: Context, reason: str) -> str:

@@ -23,6 +23,7 @@ def common_context(request):
         "unsafe_html": "<script>alert(1)</script>",
         "sleep": float(request.GET.get("sleep", 0)),
         "marker": request.GET.get("marker", ""),
+        "fail": int(request.GET.get("fail", -1)),
     }
 
 
