@@ -179,55 +179,55 @@ class RouterClient:
                 return
             self._send_locked(*(p.encode(p.CANCEL, job_id) for job_id in job_ids))
 
-    def withdraw(self, job_id: int, deadline: float) -> bool | None:
-        """Take a job back from the router if no worker has started it.
+    def withdraw(self, job_ids: list[int], deadline: float) -> dict[int, bool | None]:
+        """Take jobs back from the router if no worker has started them (one write, one wait).
 
-        True: it was still queued and the router removed it; it is answered and no worker
-        will render it, so the caller renders it. False: a worker has it; its answer comes to
-        collect() as usual. None: it is answered already (or the connection failed, which
-        answers it too). The router answers every WITHDRAW exactly once, so a job is never
-        both taken back and rendered by a worker.
+        Per job, True: it was still queued and the router removed it; it is answered and no
+        worker will render it, so the caller renders it. False: a worker has it; its answer
+        comes to collect() as usual. None: it is answered already (or the connection failed,
+        which answers it too). The router answers every WITHDRAW exactly once, so a job is
+        never both taken back and rendered by a worker.
         """
+        outcome: dict[int, bool | None] = {}
         with self._cond:
-            if job_id not in self._pending or job_id in self._answers:
-                return None
-            self._withdrawing.add(job_id)
+            asked = []
+            for job_id in job_ids:
+                if job_id not in self._pending or job_id in self._answers:
+                    outcome[job_id] = None
+                else:
+                    asked.append(job_id)
+            if not asked:
+                return outcome
+            self._withdrawing.update(asked)
             try:
-                if not self._send_locked(p.encode(p.WITHDRAW, job_id)):
-                    return None
+                if not self._send_locked(*(p.encode(p.WITHDRAW, job_id) for job_id in asked)):
+                    return {**outcome, **dict.fromkeys(asked)}
+                waiting = set(asked)
                 while True:
-                    answer = self._answers.get(job_id)
-                    if answer is not None:
-                        if answer.type != p.WITHDRAWN:
-                            return None
-                        del self._answers[job_id]
-                        self._pending.discard(job_id)
-                        return True
-                    if job_id in self._not_taken:
-                        return False
+                    for job_id in list(waiting):
+                        answer = self._answers.get(job_id)
+                        if answer is not None:
+                            if answer.type == p.WITHDRAWN:
+                                del self._answers[job_id]
+                                self._pending.discard(job_id)
+                                outcome[job_id] = True
+                            else:
+                                outcome[job_id] = None
+                        elif job_id in self._not_taken:
+                            outcome[job_id] = False
+                        else:
+                            continue
+                        waiting.discard(job_id)
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self._sock is None:
-                        return False
+                    if not waiting or remaining <= 0 or self._sock is None:
+                        return {**dict.fromkeys(waiting, False), **outcome}
                     if self._reading:
                         self._cond.wait(remaining)
                     else:
                         self._read_some(remaining)
             finally:
-                self._withdrawing.discard(job_id)
-                self._not_taken.discard(job_id)
-
-    def poll(self, job_ids: list[int]) -> dict[int, Answer]:
-        """The answers already here for these jobs, without waiting (reading what the socket holds)."""
-        with self._cond:
-            if not self._reading and self._sock is not None:
-                self._read_some(0.0)
-            got = {}
-            for job_id in job_ids:
-                answer = self._answers.pop(job_id, None)
-                if answer is not None:
-                    got[job_id] = answer
-                    self._pending.discard(job_id)
-            return got
+                self._withdrawing.difference_update(asked)
+                self._not_taken.difference_update(asked)
 
     def load(self) -> RouterLoad | None:
         """The router's load from its status page (no syscall), or None where it publishes none."""

@@ -143,11 +143,16 @@ def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
     taken: set[int] = set()
     # Nested blocks never queue (FLAG_NO_QUEUE): nothing to take back.
     if not current.nested and conf.get_config()["ADAPTIVE"]:
-        for job_id in sorted(jobs, reverse=True):  # a connection's job ids grow: newest first
-            outcome = client.withdraw(job_id, deadline)
-            if outcome is False:
-                break
-            if outcome is True:
+        newest_first = sorted(jobs, reverse=True)  # a connection's job ids grow
+        batch = 1
+        while newest_first:
+            # One job first (at an idle node, the newest is already with a worker); while
+            # every one asked for was still queued, ask for twice as many in one round trip.
+            asked, newest_first = newest_first[:batch], newest_first[batch:]
+            outcome = client.withdraw(asked, deadline)
+            for job_id in asked:
+                if outcome[job_id] is not True:
+                    continue
                 taken.add(job_id)
                 for f in jobs[job_id]:
                     started = time.perf_counter()
@@ -156,6 +161,9 @@ def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
                     f.node.observe(ms)
                     timing[f.index] = (f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
                                        f'desc="{f.node.label} master render {ms:.1f}ms: taken back"')
+            if any(outcome[job_id] is False for job_id in asked):
+                break  # that one is with a worker, so is every older one
+            batch *= 2
     waited_from = time.monotonic()
     answers = client.collect([job_id for job_id in jobs if job_id not in taken], deadline)
     waited = time.monotonic() - waited_from
