@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from parallel_render.client import RouterLoad
 
-# Blocks cheaper than this (by their measured cost) are written together with the page's
-# next blocks rather than one write each; a batch goes out once it holds this much work.
+# Blocks cheaper than this (by their measured cost) travel together, several to a job (a
+# bundle), rather than a job each; a bundle goes out once it holds this much work.
 BATCH_MS = 1.0
 
 
