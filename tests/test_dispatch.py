@@ -326,3 +326,13 @@ def test_a_failing_block_in_a_bundle_costs_only_itself(parallel, settings):
     assert all(f"<i>m-{i}</i>" in body for i in range(8) if i != 3)
     assert len(block_pids(response)) == 7
     assert rescued(response) == ["worker error: ValueError: boom"]
+
+
+def test_a_restarted_router_is_read_from_its_new_status_page(router):
+    client = RouterClient(router.address)
+    first = client.load()
+    assert first is not None and first.pid == router.router.pid
+    router.router.kill()  # no drain: its page stays behind, no longer written
+    # Until the supervisor's new router takes the path over, the old page reads as stale.
+    wait_for(lambda: (load := client.load()) is not None and load.pid != first.pid, timeout=15)
+    assert client.load().pid == router.router.pid
