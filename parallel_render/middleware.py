@@ -86,7 +86,7 @@ class ParallelRenderMiddleware:
 
 def abandon(current: session.RenderSession) -> None:
     """The view raised after blocks went out: tell the router, so nothing waits for them."""
-    current.bundle.clear()  # never sent
+    current.drop_bundle()
     if current.fragments:
         current.client.cancel(sorted({f.job_id for f in current.fragments if f.job_id}))
 
@@ -155,19 +155,14 @@ def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
                     continue
                 taken.add(job_id)
                 for f in jobs[job_id]:
-                    started = time.perf_counter()
-                    html[f.index] = f.node.rescue(f, "taken back: no worker had started it", NOT_RENDERED)
-                    ms = (time.perf_counter() - started) * 1000
-                    f.node.observe(ms)
-                    timing[f.index] = (f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
-                                       f'desc="{f.node.label} master render {ms:.1f}ms: taken back"')
+                    html[f.index], timing[f.index] = _render_here(f, "taken back", NOT_RENDERED, measure=True)
             if any(outcome[job_id] is False for job_id in asked):
                 break  # that one is with a worker, so is every older one
             batch *= 2
     waited_from = time.monotonic()
     answers = client.collect([job_id for job_id in jobs if job_id not in taken], deadline)
     waited = time.monotonic() - waited_from
-    decoded: dict[int, Any] = {}
+    decoded: dict[int, dict | str] = {}
     for f in fragments:
         if f.job_id in taken:
             continue
@@ -185,16 +180,26 @@ def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
                 f'desc="{f.node.label} pid {result["pid"]} render {result["ms"]:.1f}ms{nested}"'
             )
             continue
-        started = time.monotonic()
-        html[f.index] = f.node.rescue(f, why, kind)
-        timing[f.index] = (
-            f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
-            f'desc="{f.node.label} master render {(time.monotonic() - started) * 1000:.1f}ms: '
-            f'{why[:100].replace(chr(34), chr(39))}"'
-        )
+        html[f.index], timing[f.index] = _render_here(f, why, kind)
     timings = [timing[f.index] for f in fragments]
     timings.append(f'pr-wait;dur={waited * 1000:.1f};desc="waited for {len(fragments)} fragments"')
     return html, timings
+
+
+def _render_here(f: session.Pending, why: str, kind: str, measure: bool = False) -> tuple[str, str]:
+    """The block rendered by the master (or its fallback), and its Server-Timing entry.
+
+    measure: the block rendered as a worker would have (taken back), so its time feeds the
+    block's cost model.
+    """
+    started = time.perf_counter()
+    html = f.node.rescue(f, why, kind)
+    ms = (time.perf_counter() - started) * 1000
+    if measure:
+        f.node.observe(ms)
+    entry = (f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
+             f'desc="{f.node.label} master render {ms:.1f}ms: {why[:100].replace(chr(34), chr(39))}"')
+    return html, entry
 
 
 # Why a fragment came back without HTML. The block's {% fallback %} stands in for a block that
@@ -203,10 +208,11 @@ def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
 FAILED, TIMED_OUT, NOT_RENDERED = "failed", "timed out", "not rendered"
 
 
-def _result(f: session.Pending, answer: Any, decoded: dict[int, Any]) -> tuple[dict | None, str, str]:
+def _result(f: session.Pending, answer: Any, decoded: dict[int, dict | str]) -> tuple[dict | None, str, str]:
     """What the answer to f's job says of f: (result, "", "") or (None, why, kind).
 
-    decoded caches each job's parsed result, for the blocks that share a bundle's job.
+    decoded caches each job's parsed result (or why it could not be read), for the blocks
+    that share a bundle's job.
     """
     if answer is None:
         return None, "no answer before the page deadline", TIMED_OUT
@@ -222,12 +228,12 @@ def _result(f: session.Pending, answer: Any, decoded: dict[int, Any]) -> tuple[d
         try:
             result = orjson.loads(signing.unsign(answer.payload))
         except (signing.BadSignature, orjson.JSONDecodeError) as exc:
-            result = {"bad": f"bad result: {exc}"}
-        if not isinstance(result, dict):
-            result = {"bad": "bad result: not an object"}
+            result = f"bad result: {exc}"
+        if not isinstance(result, (dict, str)):
+            result = "bad result: not an object"
         decoded[f.job_id] = result
-    if "bad" in result:
-        return None, result["bad"], NOT_RENDERED
+    if isinstance(result, str):  # why the job's answer could not be read
+        return None, result, NOT_RENDERED
     if f.part is not None:
         parts = result.get("bundle")
         if not isinstance(parts, list):

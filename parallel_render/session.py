@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from parallel_render.client import RouterClient
+from parallel_render import signing
+from parallel_render.client import RouterClient, RouterUnavailable
 
 
 @dataclass
@@ -45,23 +46,26 @@ class RenderSession:
     # Cheap blocks waiting to go out together as one job: their fragments and encoded jobs.
     bundle: list[tuple[Pending, bytes]] = field(default_factory=list)
     bundle_ms: float = 0.0
+    bundle_bytes: int = 0
 
     def add_to_bundle(self, pending: Pending, body: bytes, cost_ms: float, full_ms: float) -> None:
         """Add a cheap block to the open bundle; send the bundle once it holds full_ms of work
         (or half the largest job the client may send)."""
         self.bundle.append((pending, body))
         self.bundle_ms += cost_ms
-        if self.bundle_ms >= full_ms or sum(len(b) for _p, b in self.bundle) > self.client.max_payload // 2:
+        self.bundle_bytes += len(body)
+        if self.bundle_ms >= full_ms or self.bundle_bytes > self.client.max_payload // 2:
             self.send_bundle()
+
+    def drop_bundle(self) -> None:
+        """Forget the open bundle (the page failed before it went out)."""
+        self.bundle, self.bundle_ms, self.bundle_bytes = [], 0.0, 0
 
     def send_bundle(self) -> None:
         """Submit the open bundle as one job: {"v": 1, "bundle": [block job, ...]}."""
         if not self.bundle:
             return
-        from parallel_render import signing
-        from parallel_render.client import RouterUnavailable
-
-        parts, self.bundle, self.bundle_ms = self.bundle, [], 0.0
+        parts, self.bundle, self.bundle_ms, self.bundle_bytes = self.bundle, [], 0.0, 0
         body = b'{"v":1,"bundle":[' + b",".join(b for _p, b in parts) + b"]}"
         timeout = min(pending.deadline for pending, _b in parts) - time.monotonic()
         try:
