@@ -97,6 +97,7 @@ def url_blocks(path: str) -> list[tuple[str, str]]:
     from django.test import Client, override_settings
 
     from parallel_render import conf, session
+    from parallel_render.testing import test_host_allowed
 
     client = _RecordingClient()
     current = session.RenderSession(None, client)  # type: ignore[arg-type]
@@ -104,7 +105,7 @@ def url_blocks(path: str) -> list[tuple[str, str]]:
     try:
         settings_now = dict(conf.get_config())
         settings_now.pop("ROUTER", None)
-        with override_settings(PARALLEL_RENDER={**settings_now, "ENABLED": False}):
+        with override_settings(PARALLEL_RENDER={**settings_now, "ENABLED": False}), test_host_allowed():
             response = Client().get(path)
     finally:
         session.deactivate(token)

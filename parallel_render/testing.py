@@ -22,7 +22,54 @@ from typing import Any
 from parallel_render import conf
 from parallel_render.cluster import LocalCluster
 
-SERIAL_HEADER = {"HTTP_X_PARALLEL_RENDER": "serial"}
+
+@contextlib.contextmanager
+def serially() -> Iterator[None]:
+    """Render every request in this block serially, whatever the site's settings say.
+
+    The serial baseline of a comparison must not depend on SERIAL_HEADER or
+    SERIAL_QUERY_PARAM (a site may rename or turn off either): this turns the plugin off.
+    """
+    from django.conf import settings
+    from django.test import override_settings
+
+    with override_settings(PARALLEL_RENDER={**(getattr(settings, "PARALLEL_RENDER", None) or {}), "ENABLED": False}):
+        yield
+
+
+@contextlib.contextmanager
+def test_host_allowed() -> Iterator[None]:
+    """Let Django's test client ("testserver") through ALLOWED_HOSTS, as Django's test runner does.
+
+    For commands that render a page in-process (parallel_check --url, parallel_bench page):
+    a fresh project's ALLOWED_HOSTS would answer them 400.
+    """
+    from django.conf import settings
+    from django.test import override_settings
+
+    hosts = list(settings.ALLOWED_HOSTS)
+    if "*" in hosts or "testserver" in hosts:
+        yield
+        return
+    with override_settings(ALLOWED_HOSTS=[*hosts, "testserver"]):
+        yield
+
+
+def serial_request_headers() -> dict[str, str]:
+    """The HTTP header that makes a running node render a request serially, from its settings.
+
+    Benchmarks that compare modes over HTTP need it; a site that turned the header off
+    (SERIAL_HEADER = None) cannot be benchmarked that way, and is told so.
+    """
+    from django.core.exceptions import ImproperlyConfigured
+
+    header = conf.get_config()["SERIAL_HEADER"]
+    if not header:
+        raise ImproperlyConfigured(
+            "PARALLEL_RENDER['SERIAL_HEADER'] is empty, so a running node cannot be asked for a serial "
+            "page: set it (e.g. \"X-Parallel-Render\") to compare serial and parallel over HTTP"
+        )
+    return {header: "serial"}
 
 
 @contextlib.contextmanager
@@ -79,7 +126,8 @@ def assert_parallel_equals_serial(client: Any, path: str, require_parallel: bool
 
     # Test runs turn DEBUG off; the per-block header is how we see who rendered what.
     with override_settings(PARALLEL_RENDER={**(getattr(settings, "PARALLEL_RENDER", None) or {}), "SERVER_TIMING": True}):
-        serial = client.get(path, **SERIAL_HEADER, **extra)
+        with serially():
+            serial = client.get(path, **extra)
         parallel = client.get(path, **extra)
     if serial.status_code != parallel.status_code:
         raise AssertionError(f"{path}: status {parallel.status_code} in parallel, {serial.status_code} serially")

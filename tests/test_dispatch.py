@@ -15,7 +15,7 @@ from parallel_render import policy
 from parallel_render import protocol as p
 from parallel_render.client import RouterClient, RouterLoad, connect
 from parallel_render.cluster import LocalCluster
-from parallel_render.testing import SERIAL_HEADER, parallel_workers
+from parallel_render.testing import parallel_workers, serially
 from tests.conftest import block_pids, rescued, run_concurrently
 
 
@@ -240,7 +240,8 @@ def tcp_worker(adaptive, django_db_setup, django_db_blocker, transactional_db):
 
 def test_the_master_takes_back_what_its_worker_has_not_started(tcp_worker):
     client = Client()
-    serial = client.get("/p/takeback/?sleep=0.15", **SERIAL_HEADER)
+    with serially():
+        serial = client.get("/p/takeback/?sleep=0.15")
     response = client.get("/p/takeback/?sleep=0.15")
     assert response.content == serial.content
     for letter in "abcd":
@@ -263,7 +264,8 @@ def test_a_block_that_would_only_wait_renders_in_place_without_being_sent(unix_w
     router = RouterClient(unix_workers.address)
     client.get("/p/slow/?sleep=0.4")  # the workers' jobs take 0.4 s: the router's service average
     client.get("/p/takeback/?sleep=0.02")  # these blocks cost 20 ms: their own average
-    serial = client.get("/p/takeback/?sleep=0.02", **SERIAL_HEADER)
+    with serially():
+        serial = client.get("/p/takeback/?sleep=0.02")
     busy = threading.Thread(target=lambda: Client().get("/p/slow/?sleep=1"))
     busy.start()
     try:
@@ -305,7 +307,8 @@ def test_cheap_blocks_travel_together_in_one_job(parallel):
     path = "/p/bundle/?marker=m&n=12"
     for _ in range(3):
         client.get(path)  # measures the blocks: each costs far less than a job's worth (1 ms)
-    serial = client.get(path, **SERIAL_HEADER)
+    with serially():
+        serial = client.get(path)
     before = router.stats()
     response = client.get(path)
     after = router.stats()

@@ -19,7 +19,6 @@ from parallel_render.bench.stats import summary, table
 
 HELP = "find the requests/s a running node sustains under a p99 target"
 
-SERIAL_HEADER = "X-Parallel-Render"
 
 
 class _Fetcher:
@@ -54,7 +53,9 @@ class _Fetcher:
 
 def run_step(url: str, rate: float, duration: float, concurrency: int = 32, serial: bool = False) -> dict[str, Any]:
     """Offer `rate` requests/s for `duration` s; latencies (ms) count from each request's due time."""
-    headers = {SERIAL_HEADER: "serial"} if serial else {}
+    from parallel_render.testing import serial_request_headers
+
+    headers = serial_request_headers() if serial else {}
     due: queue.SimpleQueue[float | None] = queue.SimpleQueue()
     latencies: list[float] = []
     errors: list[str] = []

@@ -715,7 +715,6 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
     from django.conf import settings
     from django.core.management.base import CommandError
 
-    from parallel_render import conf
 
     try:
         pages, levels = parse_pages(options["pages"]), parse_levels(options["levels"])
@@ -740,7 +739,9 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
     if generator == "auto":
         generator = "wrk" if wrk_binary else "builtin"
 
-    header = conf.get_config()["SERIAL_HEADER"] or "X-Parallel-Render"
+    from parallel_render.testing import serial_request_headers
+
+    (header,) = serial_request_headers()
     plot = options["plot"] or default_plot_path()
     json_out = options["json"]
 

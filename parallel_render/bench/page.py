@@ -3,33 +3,49 @@
 from __future__ import annotations
 
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from parallel_render.bench import BenchError
 from parallel_render.bench.stats import summary, table
 
 HELP = "render a page serially and in parallel, interleaved, and compare"
 
-SERIAL_HEADER = "X-Parallel-Render"
-
 
 def _http_fetch(url: str, serial: bool) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers={SERIAL_HEADER: "serial"} if serial else {})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return response.status, response.read()
+    from parallel_render.testing import serial_request_headers
+
+    request = urllib.request.Request(url, headers=serial_request_headers() if serial else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 def _client_fetch(path: str) -> Callable[[bool], tuple[int, bytes]]:
     from django.test import Client
 
+    from parallel_render.testing import serially, test_host_allowed
+
     client = Client()
 
     def fetch(serial: bool) -> tuple[int, bytes]:
-        response = client.get(path, **({"HTTP_X_PARALLEL_RENDER": "serial"} if serial else {}))
+        with test_host_allowed():
+            if serial:
+                with serially():
+                    response = client.get(path)
+            else:
+                response = client.get(path)
         return response.status_code, response.content
 
     return fetch
+
+
+class PageError(BenchError):
+    """The page cannot be benchmarked (it does not answer 200)."""
 
 
 def run(url: str, requests: int, warmup: int = 3) -> dict[str, Any]:
@@ -45,7 +61,7 @@ def run(url: str, requests: int, warmup: int = 3) -> dict[str, Any]:
             status, _body = fetch(mode == "serial")
             times[mode].append((time.perf_counter() - started) * 1000)
             if status != 200:
-                raise RuntimeError(f"{url} answered {status} in {mode} mode")
+                raise PageError(f"{url} answered {status} in {mode} mode; the page must answer 200 in both modes")
     serial, parallel = summary(times["serial"]), summary(times["parallel"])
     return {
         "url": url,

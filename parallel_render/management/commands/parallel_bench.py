@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import BaseCommand, CommandError
+
+from parallel_render.bench import BenchError
 
 BENCHES = ("page", "router", "capacity", "ab", "overhead", "load")
 
@@ -34,4 +37,7 @@ class Command(BaseCommand):
             module.add_arguments(sub.add_parser(name, help=module.HELP))
 
     def handle(self, *args: Any, **options: Any) -> None:
-        _modules()[options["bench"]].handle(options, self.stdout)
+        try:
+            _modules()[options["bench"]].handle(options, self.stdout)
+        except (BenchError, ImproperlyConfigured) as exc:
+            raise CommandError(str(exc)) from exc
