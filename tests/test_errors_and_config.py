@@ -171,3 +171,24 @@ def test_a_page_that_fails_after_sending_blocks_leaves_nothing_pending(parallel)
         client.get("/p/raise_after/?n=5")
     router = get_client(conf.get_config()["ROUTER"])
     assert not router._pending and not router._answers
+
+
+def test_a_timeout_that_is_no_positive_number_renders_as_serially(parallel, caplog):
+    """timeout=abc (missing), a blank string, -1: serially these render; in parallel too, with TIMEOUT."""
+    from parallel_render.testing import assert_parallel_equals_serial, worker_rendered
+
+    response = assert_parallel_equals_serial(Client(), "/p/timeouts/?marker=&fail=-1&title=T")
+    assert len(worker_rendered(response)) == 3
+    assert response.content.decode().strip() == "[a T][b T][c T]"
+    for value in ("''", "-1"):
+        assert f"timeout={value} is not a positive number of seconds; using TIMEOUT" in caplog.text
+
+
+@pytest.mark.parametrize("literal", ["-1", "0", '"abc"', "0.0", "1e999"])
+def test_a_literal_timeout_that_can_never_be_right_is_refused_when_the_template_compiles(literal):
+    from django.template import Template, TemplateSyntaxError
+
+    with pytest.raises(TemplateSyntaxError, match="must be a positive number of seconds"):
+        Template("{% load parallel %}{% parallel timeout=" + literal + " %}x{% endparallel %}")
+    Template("{% load parallel %}{% parallel timeout=0.5 %}x{% endparallel %}")
+    Template("{% load parallel %}{% parallel timeout=\"2\" %}x{% endparallel %}")

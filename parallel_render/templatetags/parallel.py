@@ -12,7 +12,7 @@ import orjson
 from django import template
 from django.conf import settings
 from django.template import Context, Node, NodeList, TemplateSyntaxError
-from django.template.base import FilterExpression, token_kwargs
+from django.template.base import FilterExpression, Variable, token_kwargs
 
 from parallel_render import analysis, codec, conf, policy, session, signing
 from parallel_render.client import RouterUnavailable
@@ -177,15 +177,24 @@ class ParallelNode(Node):
         return render_captured(self, pending.template, pending.values, pending.env)
 
     def resolve_timeout(self, context: Context) -> float:
+        """The block's timeout=, or the TIMEOUT setting when it is absent or not a positive number.
+
+        A timeout changes nothing a serial render does, so a value that is no timeout (a
+        missing variable, "abc", -1) must not fail the page in parallel either: it is logged
+        (once per block and value) and the default is used. A literal that can never be right
+        is refused when the template compiles, in both modes.
+        """
+        default = float(conf.get_config()["TIMEOUT"])
         if self.timeout is None:
-            return float(conf.get_config()["TIMEOUT"])
+            return default
         value = self.timeout.resolve(context)
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError):
-            seconds = 0.0
-        if not seconds > 0:
-            raise TemplateSyntaxError(f"{{% parallel timeout=... %}} at {self.label} must be a positive number of seconds, not {value!r}")
+        seconds = _positive_seconds(value)
+        if seconds is None:
+            why = f"timeout={value!r} is not a positive number of seconds"
+            if why not in self._logged:
+                self._logged.add(why)
+                logger.warning("block %s: %s; using TIMEOUT (%g s)", self.label, why, default)
+            return default
         return seconds
 
     def _inline_because(self, current: session.RenderSession, context: Context, reason: str, warn: bool = True) -> str:
@@ -305,6 +314,16 @@ def _collect(value: Any, index: dict[int, ParallelNode], depth: int) -> None:
             _collect(item, index, depth + 1)
 
 
+def _positive_seconds(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return seconds if 0 < seconds < float("inf") else None
+
+
 @register.tag("parallel")
 def do_parallel(parser: Any, token: Any) -> ParallelNode:
     bits = token.split_contents()[1:]
@@ -317,6 +336,11 @@ def do_parallel(parser: Any, token: Any) -> ParallelNode:
             if timeout is not None:
                 raise TemplateSyntaxError("{% parallel %} got timeout= twice")
             timeout = parser.compile_filter(bit[len("timeout="):])
+            literal = timeout.var if not isinstance(timeout.var, Variable) else timeout.var.literal
+            if literal is not None and not timeout.filters and _positive_seconds(literal) is None:
+                raise TemplateSyntaxError(
+                    f"{{% parallel timeout={bit[len('timeout='):]} %}}: the timeout must be a positive number of seconds"
+                )
         elif bit == "with":
             extra = token_kwargs(bits, parser, support_legacy=False)
             if not extra:
