@@ -152,3 +152,15 @@ def test_user_content_that_looks_like_a_placeholder_stays_text(parallel):
     body = response.content.decode()
     assert f"[{fake}]" in body and "<b>T</b>" in body and "&lt;!--pr:" in body
     assert len(block_pids(response)) == 1
+
+
+def test_a_block_rescued_after_its_loop_renders_with_its_own_iteration(parallel):
+    """forloop is one dict the loop updates in place: what a block captured must not move on."""
+    from parallel_render.testing import serially
+
+    with serially():
+        serial = Client().get("/p/loop_rescue/?sleep=1")
+    assert serial.content.decode().strip() == "[1.1:00F]<1>[1.2:01L]<1>[2.1:10F]<2>[2.2:11L]<2>[3.1:20FP]<3>[3.2:21LP]<3>"
+    response = Client().get("/p/loop_rescue/?sleep=1")
+    assert response.content == serial.content
+    assert rescued(response) == ["timed out"] * 12

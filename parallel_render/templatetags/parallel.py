@@ -224,7 +224,7 @@ class ParallelNode(Node):
     def capture_values(self, context: Context) -> dict[str, Any]:
         extra = {name: fe.resolve(context) for name, fe in self.extra.items()}
         if self.isolated:
-            return extra
+            return _snapshot_loops(context, extra)
         values: dict[str, Any] = {}
         for name in self.get_analysis(context.template.engine).names:
             try:
@@ -232,7 +232,31 @@ class ParallelNode(Node):
             except KeyError:
                 pass
         values.update(extra)
+        return _snapshot_loops(context, values)
+
+
+def _snapshot_loops(context: Context, values: dict[str, Any]) -> dict[str, Any]:
+    """{% for %} updates one `forloop` dict in place as it goes: a block the master renders
+    later (rescued, taken back) must see this iteration's counters, not the last. Every
+    captured value that is one of the enclosing loops' dicts becomes a copy made now."""
+    try:
+        loop = context["forloop"]
+    except KeyError:
         return values
+    copies: dict[int, dict[str, Any]] = {}
+    chain = []
+    while type(loop) is dict and id(loop) not in copies:
+        copies[id(loop)] = dict(loop)
+        chain.append(loop)
+        loop = loop.get("parentloop")
+    for original in chain:
+        parent = original.get("parentloop")
+        if id(parent) in copies:
+            copies[id(original)]["parentloop"] = copies[id(parent)]
+    for name, value in values.items():
+        if id(value) in copies and type(value) is dict:
+            values[name] = copies[id(value)]
+    return values
 
 
 def encode_values(context: Context, values: dict[str, Any]) -> dict[str, Any]:
