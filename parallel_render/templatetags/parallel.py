@@ -14,7 +14,7 @@ from django.conf import settings
 from django.template import Context, Node, NodeList, TemplateSyntaxError
 from django.template.base import FilterExpression, Variable, token_kwargs
 
-from parallel_render import analysis, codec, conf, policy, session, signing
+from parallel_render import analysis, codec, conf, policy, sealing, session
 from parallel_render.client import RouterUnavailable
 from parallel_render.fragments import capture_env, engine_alias, render_captured
 
@@ -56,6 +56,7 @@ class ParallelNode(Node):
         self.line = line
         self._analysis: analysis.Analysis | None = None
         self._logged: set[str] = set()
+        self._cache_nodes: list[Any] | None = None
         # Moving average of what rendering this block costs, in ms (None until measured).
         self.cost_ms: float | None = None
 
@@ -121,9 +122,10 @@ class ParallelNode(Node):
             current.fragments.append(pending)
             current.add_to_bundle(pending, body, self.cost_ms, policy.BATCH_MS)
             return current.placeholder(index)
+        sealed, pending.identity, pending.expiry_ms = sealing.seal_job(current.client.binding, body, timeout)
         try:
             pending.job_id = current.client.submit(
-                signing.sign(body), timeout, high_priority=current.nested, no_queue=current.nested
+                sealed, timeout, high_priority=current.nested, no_queue=current.nested
             )
         except RouterUnavailable as exc:
             return self._inline_because(current, context, str(exc), warn=False)
@@ -219,7 +221,37 @@ class ParallelNode(Node):
         found = self.get_analysis(context.template.engine).reason
         if found:
             return found
+        found = self.local_cache_reason(context)
+        if found:
+            return found
         return enclosure_reason(self, frame)
+
+    def local_cache_reason(self, context: Context) -> str | None:
+        """A {% cache %} in the block whose backend lives in the master's memory (LocMemCache):
+        a worker would read and fill its own copy, and the page would differ from serial."""
+        if self._cache_nodes is None:
+            self._cache_nodes = _cache_nodes([self.nodelist] + ([self.fallback] if self.fallback else []),
+                                             context.template.engine)
+        if not self._cache_nodes:
+            return None
+        from django.core.cache import caches
+        from django.core.cache.backends.locmem import LocMemCache
+
+        for cache_node in self._cache_nodes:
+            if cache_node.cache_name is None:
+                alias = "template_fragments" if "template_fragments" in settings.CACHES else "default"
+            else:
+                try:
+                    alias = cache_node.cache_name.resolve(context)
+                except Exception:
+                    return "a {% cache using=... %} in it names a cache that cannot be resolved here"
+            try:
+                backend = caches[alias]
+            except Exception:
+                continue  # the render fails the same way serially, wherever it runs
+            if isinstance(backend, LocMemCache):
+                return f"a {{% cache %}} in it uses {alias!r}, a LocMemCache that only this process sees"
+        return None
 
     def capture_values(self, context: Context) -> dict[str, Any]:
         extra = {name: fe.resolve(context) for name, fe in self.extra.items()}
@@ -233,6 +265,27 @@ class ParallelNode(Node):
                 pass
         values.update(extra)
         return _snapshot_loops(context, values)
+
+
+def _cache_nodes(nodelists: list[NodeList], engine: Any, depth: int = 0) -> list[Any]:
+    """The {% cache %} nodes in these node lists and in the templates they include by name."""
+    from django.template.loader_tags import IncludeNode
+    from django.templatetags.cache import CacheNode
+
+    found: list[Any] = []
+    for nodelist in nodelists:
+        found += nodelist.get_nodes_by_type(CacheNode)
+        if depth >= 8:
+            continue
+        for include in nodelist.get_nodes_by_type(IncludeNode):
+            name = getattr(include.template, "var", None)
+            if isinstance(name, str):
+                try:
+                    included = engine.get_template(name)
+                except Exception:
+                    continue
+                found += _cache_nodes([included.nodelist], engine, depth + 1)
+    return found
 
 
 def _snapshot_loops(context: Context, values: dict[str, Any]) -> dict[str, Any]:
