@@ -11,7 +11,7 @@ import time
 import pytest
 from django.test import Client
 
-from parallel_render import policy
+from parallel_render import conf, policy
 from parallel_render import protocol as p
 from parallel_render.client import RouterClient, RouterLoad, connect
 from parallel_render.cluster import LocalCluster
@@ -339,3 +339,31 @@ def test_a_restarted_router_is_read_from_its_new_status_page(router):
     # Until the supervisor's new router takes the path over, the old page reads as stale.
     wait_for(lambda: (load := client.load()) is not None and load.pid != first.pid, timeout=15)
     assert client.load().pid == router.router.pid
+
+
+def test_the_default_min_block_ms_keeps_cheap_blocks_in_the_master_once_measured(parallel, settings):
+    """The test settings send every block (MIN_BLOCK_MS=0); a site gets the default, 1 ms."""
+    from django.test import override_settings
+
+    config = {k: v for k, v in settings.PARALLEL_RENDER.items() if k != "MIN_BLOCK_MS"}
+    with override_settings(PARALLEL_RENDER=config):
+        assert conf.get_config()["MIN_BLOCK_MS"] == 1.0
+        client = Client()
+        first = client.get("/p/mixed_cost/?marker=m")
+        assert len(block_pids(first)) == 2  # nothing measured yet: both go to workers
+        for _ in range(3):
+            later = client.get("/p/mixed_cost/?marker=m")
+            assert later.content == first.content
+        assert len(block_pids(later)) == 1, later.headers.get("Server-Timing")  # the 20 ms block still goes; the cheap one stays
+        assert "<b>m</b>" in later.content.decode()
+
+
+def test_a_blocks_cost_forgets_a_cold_first_render_within_three_samples():
+    from django.template import engines
+
+    template = engines["django"].from_string("{% load parallel %}{% parallel %}x{% endparallel %}")
+    (node,) = [n for n in template.template.nodelist if type(n).__name__ == "ParallelNode"]
+    assert node.cost_ms is None
+    for ms, expected in [(120.0, 120.0), (0.3, 60.15), (0.2, 0.3), (0.4, 0.35), (0.3, 0.3), (0.3, 0.3), (50.0, 0.3)]:
+        node.observe(ms)
+        assert node.cost_ms == pytest.approx(expected)

@@ -28,6 +28,10 @@ TRANSPARENT_COMMANDS = {
 }
 
 
+# A block's cost is the median of its last COST_SAMPLES render times.
+COST_SAMPLES = 5
+
+
 class ParallelNode(Node):
     child_nodelists = ("nodelist", "fallback")
 
@@ -57,11 +61,21 @@ class ParallelNode(Node):
         self._analysis: analysis.Analysis | None = None
         self._logged: set[str] = set()
         self._cache_nodes: list[Any] | None = None
-        # Moving average of what rendering this block costs, in ms (None until measured).
+        # What rendering this block costs, in ms (None until measured): see observe().
         self.cost_ms: float | None = None
+        self._samples: list[float] = []
 
     def observe(self, ms: float) -> None:
-        self.cost_ms = ms if self.cost_ms is None else self.cost_ms * 0.8 + ms * 0.2
+        """One render's time. The cost is the median of the last few: a worker's first render
+        of a block also loads its template and opens connections (often 100x the render), and
+        an average would carry that one sample for dozens of pages."""
+        samples = self._samples
+        samples.append(ms)
+        if len(samples) > COST_SAMPLES:
+            del samples[0]
+        ordered = sorted(samples)
+        middle = len(ordered) // 2
+        self.cost_ms = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
     def __repr__(self) -> str:
         return f"<ParallelNode {self.label}>"
