@@ -18,7 +18,7 @@ import time
 from typing import NamedTuple
 
 from parallel_render import protocol as p
-from parallel_render import signing
+from parallel_render import sealing, signing
 
 logger = logging.getLogger("parallel_render")
 
@@ -63,6 +63,8 @@ class RouterClient:
 
     def __init__(self, address: str, max_payload: int = p.MAX_FRAME) -> None:
         self.address = p.parse_address(address)
+        # Jobs through this router are sealed for this binding (docs/security.md).
+        self.binding = sealing.node_binding(address)
         self.max_payload = max_payload
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)

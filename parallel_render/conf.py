@@ -103,9 +103,11 @@ def clear_config(**kwargs: Any) -> None:
     """setting_changed receiver, so override_settings(PARALLEL_RENDER=...) works."""
     if kwargs.get("setting") in (None, "PARALLEL_RENDER", "SECRET_KEY", "DEBUG"):
         get_config.cache_clear()
-        from parallel_render import codec, signing
+        from parallel_render import codec, keys, sealing, signing
 
+        keys.clear_cache()
         signing.job_key.cache_clear()
+        sealing.clear_cache()
         codec.custom_codecs.cache_clear()
 
 

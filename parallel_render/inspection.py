@@ -76,6 +76,7 @@ class _RecordingClient:
     """Stands in for the router during a dry run: accepts every job, answers none."""
 
     max_payload = 1 << 62
+    binding = b"parallel_check dry run"  # jobs are sealed as for a router, and never sent
 
     def __init__(self) -> None:
         self.jobs = 0

@@ -11,7 +11,7 @@ import orjson
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponse
 
-from parallel_render import conf, session, signing
+from parallel_render import conf, sealing, session
 from parallel_render import protocol as p
 from parallel_render.client import get_client
 
@@ -20,6 +20,9 @@ logger = logging.getLogger("parallel_render")
 # How long past the last fragment's own deadline the master waits for the router's answer
 # before it gives up on the router and renders the rest itself.
 GRACE = 0.25
+
+# Results that do not open or carry another job's identity: the first of each kind is a warning.
+_refused = sealing.RefusalLog("master")
 
 
 class ParallelRenderMiddleware:
@@ -170,7 +173,7 @@ def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
         if not f.job_id:
             result, why, kind = None, f.unsent, NOT_RENDERED
         else:
-            result, why, kind = _result(f, answer, decoded)
+            result, why, kind = _result(f, answer, decoded, client.binding)
         if result is not None:
             html[f.index] = result["html"]
             f.node.observe(result["ms"])
@@ -208,11 +211,14 @@ def _render_here(f: session.Pending, why: str, kind: str, measure: bool = False)
 FAILED, TIMED_OUT, NOT_RENDERED = "failed", "timed out", "not rendered"
 
 
-def _result(f: session.Pending, answer: Any, decoded: dict[int, dict | str]) -> tuple[dict | None, str, str]:
+def _result(
+    f: session.Pending, answer: Any, decoded: dict[int, dict | str], binding: bytes
+) -> tuple[dict | None, str, str]:
     """What the answer to f's job says of f: (result, "", "") or (None, why, kind).
 
     decoded caches each job's parsed result (or why it could not be read), for the blocks
-    that share a bundle's job.
+    that share a bundle's job. binding: the node binding the job was sealed for; only a
+    result sealed with the job's identity and expiry is read.
     """
     if answer is None:
         return None, "no answer before the page deadline", TIMED_OUT
@@ -226,8 +232,11 @@ def _result(f: session.Pending, answer: Any, decoded: dict[int, dict | str]) -> 
     result = decoded.get(f.job_id)
     if result is None:
         try:
-            result = orjson.loads(signing.unsign(answer.payload))
-        except (signing.BadSignature, orjson.JSONDecodeError) as exc:
+            result = orjson.loads(sealing.open_result(binding, answer.payload, f.identity, f.expiry_ms))
+        except sealing.Refused as exc:
+            _refused(exc, f"the result of block {f.node.label}")
+            result = f"bad result: {exc}"
+        except orjson.JSONDecodeError as exc:
             result = f"bad result: {exc}"
         if not isinstance(result, (dict, str)):
             result = "bad result: not an object"
@@ -244,11 +253,12 @@ def _result(f: session.Pending, answer: Any, decoded: dict[int, dict | str]) -> 
         if not isinstance(part, dict):
             return None, "bad result: the bundle's answer lacks this block", NOT_RENDERED
         result = {**part, "pid": result.get("pid")}
+    if not result.get("ok"):  # no HTML to stitch (a worker's refusal carries no nonce)
+        kind = NOT_RENDERED if result.get("master_only") else FAILED
+        return None, f"worker error: {result.get('error', '?')}", kind
     if result.get("n") != f.nonce:
         # Never stitch a fragment into a page it was not rendered for.
         logger.error("result for %s carried the wrong nonce; discarded", f.node.label)
         return None, "result belongs to another request", NOT_RENDERED
-    if not result.get("ok"):
-        kind = NOT_RENDERED if result.get("master_only") else FAILED
-        return None, f"worker error: {result.get('error', '?')}", kind
     return result, "", ""
+

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from parallel_render import signing
+from parallel_render import sealing
 from parallel_render.client import RouterClient, RouterUnavailable
 
 
@@ -29,6 +29,10 @@ class Pending:
     part: int | None = None
     # Why a bundled block never went out (its job id stays 0); the master renders it.
     unsent: str = ""
+    # What its job was sealed with (docs/security.md): only a result sealed with the same
+    # identity and expiry is this job's answer.
+    identity: bytes = b""
+    expiry_ms: int = 0
 
 
 @dataclass
@@ -67,13 +71,15 @@ class RenderSession:
             return
         parts, self.bundle, self.bundle_ms, self.bundle_bytes = self.bundle, [], 0.0, 0
         body = b'{"v":1,"bundle":[' + b",".join(b for _p, b in parts) + b"]}"
-        timeout = min(pending.deadline for pending, _b in parts) - time.monotonic()
+        timeout = max(min(pending.deadline for pending, _b in parts) - time.monotonic(), 0.001)
+        sealed, identity, expiry = sealing.seal_job(self.client.binding, body, timeout)
         try:
-            job_id, why = self.client.submit(signing.sign(body), max(timeout, 0.001)), ""
+            job_id, why = self.client.submit(sealed, timeout), ""
         except (RouterUnavailable, ValueError) as exc:
             job_id, why = 0, str(exc)
         for k, (pending, _b) in enumerate(parts):
             pending.job_id, pending.part, pending.unsent = job_id, k, why
+            pending.identity, pending.expiry_ms = identity, expiry
 
     def placeholder(self, index: int) -> str:
         # Only characters that HTML escaping, JSON encoding and URL-safe contexts leave alone.

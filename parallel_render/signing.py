@@ -1,4 +1,4 @@
-"""HMAC of job and result bodies, keyed from SECRET_KEY, so a worker only runs jobs a master made."""
+"""The bearer token a TCP fastrouter expects in HELLO (until the challenge-response handshake)."""
 
 from __future__ import annotations
 
@@ -8,40 +8,10 @@ import hmac
 
 from django.conf import settings
 
-MAC_SIZE = 32
-
-
-class BadSignature(Exception):
-    pass
-
 
 @functools.cache
 def job_key() -> bytes:
     return hashlib.sha256(b"parallel_render.job\0" + settings.SECRET_KEY.encode()).digest()
-
-
-@functools.lru_cache(maxsize=4)
-def _keyed(key: bytes) -> hmac.HMAC:
-    # An HMAC with the key already hashed in: copying it is cheaper than keying a new one
-    # for every job and result. Looked up by key, so a changed SECRET_KEY takes effect.
-    return hmac.new(key, digestmod=hashlib.sha256)
-
-
-def mac(body: bytes) -> bytes:
-    h = _keyed(job_key()).copy()
-    h.update(body)
-    return h.digest()
-
-
-def sign(body: bytes) -> bytes:
-    return mac(body) + body
-
-
-def unsign(data: bytes) -> bytes:
-    body = data[MAC_SIZE:]
-    if len(data) < MAC_SIZE or not hmac.compare_digest(data[:MAC_SIZE], mac(body)):
-        raise BadSignature("bad signature: the sender does not share this site's SECRET_KEY")
-    return body
 
 
 def router_token() -> bytes:

@@ -17,7 +17,7 @@ from django.conf import settings
 from django.core import signals
 from django.template import Node
 
-from parallel_render import codec, conf, fragments, session, signing
+from parallel_render import codec, conf, fragments, sealing, session, signing
 from parallel_render import protocol as p
 from parallel_render.client import RouterClient, connect
 from parallel_render.process import die_with_parent
@@ -48,6 +48,10 @@ class Worker:
         nested: bool = True,
     ) -> None:
         self.address = p.parse_address(address)
+        # Jobs are sealed for the router address as configured (docs/security.md).
+        self.binding = sealing.node_binding(address)
+        self.seen = sealing.ReplayGuard()
+        self.refused = sealing.RefusalLog(f"worker {os.getpid()}")
         self.max_jobs = max_jobs
         self.parent_pid = parent_pid
         self.heartbeat = heartbeat or os.environ.get(HEARTBEAT_ENV) or None
@@ -151,37 +155,56 @@ class Worker:
                     return
 
     def handle(self, payload: bytes, timeout_ms: int = 0) -> bytes:
-        """Render a job, one block or a bundle of cheap ones, and return the signed result."""
+        """Render a job, one block or a bundle of cheap ones, and return the sealed result.
+
+        A job that does not open, has expired or was seen before is refused without being
+        read: the answer says so (sealed, when the job opened) and its master renders it.
+        """
+        try:
+            job = self.seal.open(payload, sealing.KIND_JOB)
+            self.seen.admit(job)
+        except sealing.Refused as exc:
+            self.refused(exc, "a job")
+            if isinstance(exc, sealing.Unopenable):
+                return b""  # nothing to seal an answer for: the master cannot open it and renders the job
+            refusal = {"ok": False, "master_only": True, "n": None, "pid": self.pid, "ms": 0.0,
+                       "error": f"the worker refused the job: {exc.kind}"}
+            return self.seal.seal(sealing.KIND_RESULT, job.identity, job.expiry_ms, orjson.dumps(refusal))
         started = time.perf_counter()
         signals.request_started.send(sender=self.__class__)
         try:
             try:
-                job = orjson.loads(signing.unsign(payload))
+                body = orjson.loads(job.body)
             except Exception as exc:
                 result = self._failure(exc)
                 result["n"] = None
             else:
                 deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
                 token = f"{self._token_prefix}{self.jobs_done:08x}"
-                if isinstance(job, dict) and isinstance(job.get("bundle"), list):
-                    parts = [self._render_one(sub, deadline, f"{token}{k:04x}") for k, sub in enumerate(job["bundle"])]
+                if isinstance(body, dict) and isinstance(body.get("bundle"), list):
+                    parts = [self._render_one(sub, deadline, f"{token}{k:04x}") for k, sub in enumerate(body["bundle"])]
                     result = {"ok": True, "bundle": parts}
                 else:
-                    result = self._render_one(job, deadline, token)
+                    result = self._render_one(body, deadline, token)
         finally:
             signals.request_finished.send(sender=self.__class__)
         result["pid"] = self.pid
         # A block's own "ms" is its rendering (the master's cost model); a bundle's is the job's.
         result.setdefault("ms", (time.perf_counter() - started) * 1000)
-        body = signing.sign(orjson.dumps(result))
+        sealed = self.seal.seal(sealing.KIND_RESULT, job.identity, job.expiry_ms, orjson.dumps(result))
         limit = min(conf.get_config()["MAX_PAYLOAD"], p.MAX_FRAME)
-        if len(body) > limit:
+        if len(sealed) > limit:
             # The router would refuse the frame (and drop this connection): say so instead,
             # and let the master render the block (every block of a bundle).
             too_big = {"ok": False, "master_only": True, "n": result.get("n"), "pid": self.pid,
-                       "ms": result["ms"], "error": f"result of {len(body)} bytes exceeds MAX_PAYLOAD ({limit})"}
-            body = signing.sign(orjson.dumps(too_big))
-        return body
+                       "ms": result["ms"], "error": f"result of {len(sealed)} bytes exceeds MAX_PAYLOAD ({limit})"}
+            sealed = self.seal.seal(sealing.KIND_RESULT, job.identity, job.expiry_ms, orjson.dumps(too_big))
+        return sealed
+
+    @property
+    def seal(self) -> sealing.Sealer:
+        """The Sealer of this site's current SECRET_KEY for this worker's router."""
+        return sealing.sealer(self.binding)
 
     def _render_one(self, job: Any, deadline: float | None, token: str) -> dict[str, Any]:
         started = time.perf_counter()

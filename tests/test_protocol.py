@@ -9,7 +9,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from parallel_render import protocol as p
-from parallel_render import signing
+from parallel_render import sealing
 
 DOC = (Path(__file__).resolve().parent.parent / "fastrouter" / "PROTOCOL.md").read_text()
 
@@ -100,11 +100,12 @@ def test_frames_read_from_a_reused_buffer_stay_intact():
     assert reader.buffered == 0
 
 
-def test_the_mac_follows_the_secret_key(settings):
-    signed = signing.sign(b"body")
-    assert signing.unsign(signed) == b"body"
+def test_the_seal_follows_the_secret_key(settings):
+    binding = sealing.node_binding("unix:///run/x.sock")
+    sealed, _identity, _expiry = sealing.seal_job(binding, b"body", 1.0)
+    assert sealing.sealer(binding).open(sealed, sealing.KIND_JOB).body == b"body"
     settings.SECRET_KEY = "another-key"
-    with pytest.raises(signing.BadSignature):
-        signing.unsign(signed)
-    with pytest.raises(signing.BadSignature):
-        signing.unsign(b"short")
+    with pytest.raises(sealing.Unopenable):
+        sealing.sealer(binding).open(sealed, sealing.KIND_JOB)
+    with pytest.raises(sealing.Unopenable):
+        sealing.sealer(binding).open(b"short", sealing.KIND_JOB)
