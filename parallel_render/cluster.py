@@ -6,7 +6,6 @@ import logging
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,16 +14,8 @@ import time
 from collections.abc import Sequence
 
 from parallel_render import conf
-from parallel_render.process import send, wait_all
 
 logger = logging.getLogger("parallel_render")
-
-
-# A process that exits sooner than this after starting is failing, not finishing its work;
-# it is started again after a delay that doubles up to BACKOFF_MAX.
-QUICK_DEATH = 1.0
-BACKOFF_START = 0.1
-BACKOFF_MAX = 5.0
 
 
 class ClusterError(RuntimeError):
@@ -85,7 +76,13 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class LocalCluster:
-    """One router and `workers` worker processes; dead ones are started again."""
+    """A router and `workers` worker processes, supervised by parallel_render.supervisor in a thread.
+
+    The same supervision as a node's (runparallel), minus gunicorn: dead processes are
+    started again with backoff, a stuck worker gets SIGABRT (its stack on stderr) then
+    SIGKILL, and stop() drains. The thread starts every child itself, so each dies with it
+    (PR_SET_PDEATHSIG follows the starting thread) as well as with this process.
+    """
 
     def __init__(
         self,
@@ -96,85 +93,62 @@ class LocalCluster:
         router_args: Sequence[str] = (),
         binary: str | None = None,
         worker_args: Sequence[str] = (),
+        stuck_timeout: float | None = None,
     ) -> None:
+        from parallel_render.supervisor import Supervisor
+
         self.workers = workers
-        self.worker_args = list(worker_args)
-        self._dir = None if address else private_socket_dir()
-        self.requested_address = address or f"unix://{self._dir}/router.sock"
-        self.address = self.requested_address
-        self.max_jobs = max_jobs
-        self.env = child_env(env)
-        self.router_args = list(router_args)
-        self.binary = binary
-        self.router: subprocess.Popen | None = None
-        self.procs: list[subprocess.Popen] = []
-        self.restarts = 0
-        self._started: dict[int, float] = {}  # pid -> when it started
-        self._retry_at: dict[object, float] = {}
-        self._delay: dict[object, float] = {}
-        self._told: dict[object, bool] = {}
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self.supervisor = Supervisor(
+            workers, env=child_env(env), address=address, max_jobs=max_jobs, worker_args=worker_args,
+            binary=binary, router_args=router_args, stuck_timeout=stuck_timeout,
+        )
         self._thread: threading.Thread | None = None
 
     def start(self) -> LocalCluster:
-        self.router, self.address = start_router(self.requested_address, self.binary, self.router_args)
-        self._started[self.router.pid] = time.monotonic()
-        self.procs = [self._spawn_worker() for _ in range(self.workers)]
-        self._thread = threading.Thread(target=self._supervise, name="parallel_render-supervisor", daemon=True)
+        started = threading.Event()
+        failed: list[BaseException] = []
+
+        def supervise() -> None:
+            try:
+                self.supervisor.start()
+            except BaseException as exc:
+                failed.append(exc)
+                return
+            finally:
+                started.set()
+            try:
+                self.supervisor.run()
+            except Exception:
+                logger.exception("the supervisor of the router at %s failed; its processes were stopped", self.address)
+
+        self._thread = threading.Thread(target=supervise, name="parallel_render-supervisor", daemon=True)
         self._thread.start()
+        started.wait()
+        if failed:
+            raise failed[0]
         return self
 
-    def _spawn_worker(self) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            worker_command(self.address, self.max_jobs, self.worker_args), env=self.env, stdin=subprocess.DEVNULL
-        )
-        self._started[proc.pid] = time.monotonic()
-        return proc
+    @property
+    def address(self) -> str:
+        return self.supervisor.address
 
-    def _due(self, key: object, proc: subprocess.Popen | None, what: str) -> bool:
-        """Whether to start key's process again now. One that keeps dying soon after it
-        starts (a broken setting, say) is retried with growing delays, and said so once."""
-        now = time.monotonic()
-        if key not in self._retry_at:
-            lived = now - self._started.pop(proc.pid, now) if proc is not None else QUICK_DEATH
-            if lived < QUICK_DEATH and (proc is None or proc.returncode != 0):
-                delay = self._delay[key] = min(self._delay.get(key, BACKOFF_START / 2) * 2, BACKOFF_MAX)
-                if delay >= BACKOFF_MAX and not self._told.get(key):
-                    self._told[key] = True
-                    logger.error("%s keeps exiting at once (exit code %s); retrying every %.0f s", what,
-                                 proc.returncode if proc is not None else "?", BACKOFF_MAX)
-            else:
-                delay = self._delay[key] = 0.0
-                self._told.pop(key, None)
-            self._retry_at[key] = now + delay
-        if now < self._retry_at[key]:
-            return False
-        del self._retry_at[key]
-        return True
-
-    def _supervise(self) -> None:
-        while not self._stop.wait(0.1):
-            with self._lock:
-                if self._stop.is_set():
-                    return
-                if self.router is not None and self.router.poll() is not None:
-                    if self._due("router", self.router, "the fastrouter"):
-                        logger.warning("fastrouter exited with %s; starting it again", self.router.returncode)
-                        try:
-                            self.router, _ = start_router(self.address, self.binary, self.router_args)
-                            self._started[self.router.pid] = time.monotonic()
-                        except ClusterError as exc:
-                            logger.error("%s", exc)
-                        self.restarts += 1
-                for i, proc in enumerate(self.procs):
-                    if proc.poll() is not None and self._due(i, proc, f"worker {i}"):
-                        self.procs[i] = self._spawn_worker()
-                        self.restarts += 1
+    @property
+    def router(self) -> subprocess.Popen | None:
+        return self.supervisor.router
 
     @property
     def worker_pids(self) -> list[int]:
-        return [proc.pid for proc in self.procs]
+        return self.supervisor.worker_pids
+
+    @property
+    def restarts(self) -> int:
+        """Processes started again since start() (router and workers)."""
+        return self.supervisor.restarts["router"] + self.supervisor.restarts["worker"]
+
+    @property
+    def _delay(self) -> dict[int, float]:
+        # The current restart delay of each worker slot (tests/test_errors_and_config.py reads it).
+        return {key[1]: delay for key, delay in self.supervisor.delay.items() if isinstance(key, tuple)}
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until every worker has told the router it is idle."""
@@ -194,14 +168,15 @@ class LocalCluster:
         raise ClusterError(f"workers not ready after {timeout}s: {stats}")
 
     def stop(self, grace: float = 5.0) -> None:
-        self._stop.set()
-        with self._lock:
-            procs = [p for p in [*self.procs, self.router] if p is not None]
-            for proc in procs:
-                send(proc, signal.SIGTERM)
-            wait_all(procs, grace)
-        if self._dir:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        """Drain (workers finish their job, for up to grace seconds) and wait until every process is gone."""
+        if self._thread is None:
+            return
+        self.supervisor.grace = grace
+        self.supervisor.request("stop")
+        self._thread.join(grace + 20)
+        if self._thread.is_alive():
+            logger.error("the supervisor of the router at %s did not stop in %.0f s", self.address, grace + 20)
+        self._thread = None
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -1,42 +1,41 @@
 """A production node (Quora's "Ultralisk"): the fastrouter, its workers and gunicorn masters on one machine.
 
-The gunicorn arbiter is the node's parent process. gunicorn supervises the masters; the
-hooks below (used by `gunicorn -c python:parallel_render.gunicorn_conf` and by
-`manage.py runparallel`, which runs the same config in-process) start a `NodeSupervisor`
-for the router and the workers, pin every process to its core, and stop the workers only
-after the masters have drained. gunicorn's signal handlers only queue; its loop calls our
-hooks; our own loop, a thread of the arbiter, brings the router and each worker slot back
-to target. Every child dies with its parent (prctl), so nothing outlives a SIGKILL.
+The node's top process is a supervisor of ours (parallel_render.supervisor), single-threaded,
+and gunicorn's arbiter is one of its children, beside the router and the workers:
+
+    runparallel / supervisor (signals: TERM INT QUIT HUP USR1 TTIN TTOU CHLD)
+    ├── fastrouter                  --parent-pid: dies with the supervisor
+    ├── parallel_worker x W         prctl(PR_SET_PDEATHSIG) to the supervisor
+    └── gunicorn arbiter            python -m gunicorn -c python:parallel_render.gunicorn_conf APP
+        └── master x M              post_fork: prctl(PR_SET_PDEATHSIG) to the arbiter
+
+So gunicorn's `waitpid(-1)` only ever sees its masters, gunicorn forks masters from a
+process with one thread, and every exit of the router, a worker or the arbiter reaches the
+supervisor with its real status. The hooks below run in the arbiter: they pin each master to
+its cores and make it die with the arbiter; the supervisor does everything else.
+
+`gunicorn -c python:parallel_render.gunicorn_conf project.wsgi` gives the same tree: its
+`on_starting` hook, in an arbiter no supervisor started, turns that process into the
+supervisor (exec, same pid), which starts gunicorn again as its child.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
-import shutil
-import signal
-import subprocess
-import threading
-import time
+import sys
 from dataclasses import dataclass, fields
 from typing import Any
 
 from parallel_render import conf
-from parallel_render.cluster import ClusterError, child_env, private_socket_dir, start_router, worker_command
 from parallel_render.layout import Layout, apply_affinity, plan, unpinned
-from parallel_render.process import send, wait_all
-from parallel_render.worker import HEARTBEAT_ENV
+from parallel_render.supervisor import SUPERVISOR_ENV, Supervisor, log_to_stderr
 
 logger = logging.getLogger("parallel_render")
 
 ENV_PREFIX = "PARALLEL_RENDER_NODE_"
-BACKOFF_START = 0.1
-BACKOFF_MAX = 5.0
-# A process that dies sooner than this after starting, other than by our hand or by
-# recycling itself, is failing: its slot waits (with backoff) before it starts again.
-QUICK_DEATH = 5.0
-READY_WAIT = 20.0  # longest a rolling restart waits for a new worker before retiring the old one
+MASTERS_ENV = ENV_PREFIX + "MASTERS"  # gunicorn's -w, for the layout, when gunicorn started the node
+PIDFILE_ENV = ENV_PREFIX + "PIDFILE"  # gunicorn's --pid file, which now names the supervisor
 
 
 @dataclass
@@ -48,7 +47,7 @@ class NodeOptions:
     router: str | None = None  # where the router listens; None: PARALLEL_RENDER['ROUTER'] or a private socket
     max_jobs: int | None = None  # None: PARALLEL_RENDER['WORKER_MAX_JOBS']
     max_memory_mb: float | None = None  # a worker above this resident size is replaced
-    stuck_timeout: float | None = None  # a worker silent this long inside one job is killed; None: 3 x TIMEOUT, at least 30 s
+    stuck_timeout: float | None = None  # a worker silent this long inside one job is aborted; None: 3 x TIMEOUT, at least 30 s
     grace: float = 10.0  # seconds workers get to finish their job when the node stops
 
     @classmethod
@@ -83,227 +82,53 @@ class NodeOptions:
         return out
 
 
-class _Worker:
-    """One worker process in a slot. `retiring`: replace it, then stop it gracefully."""
-
-    def __init__(self, proc: subprocess.Popen, slot: int, heartbeat: str) -> None:
-        self.proc = proc
-        self.slot = slot
-        self.heartbeat = heartbeat
-        self.started = time.monotonic()
-        self.retiring = False
-        self.retire_by = 0.0
-        self.signalled = False
-        self.killed_by_us = False
-
-    def last_beat(self) -> float:
-        """Wall-clock time of the last heartbeat, 0 before the worker first connected."""
-        try:
-            return os.stat(self.heartbeat).st_mtime
-        except OSError:
-            return 0.0
+def node_layout(masters: int | None = None, options: NodeOptions | None = None) -> Layout:
+    options = options or NodeOptions.from_env()
+    layout = plan(masters=masters, workers=options.workers)
+    if not options.affinity:
+        layout = unpinned(layout, "affinity turned off (--no-affinity)")
+    return layout
 
 
-class NodeSupervisor:
-    """The router and `layout.workers` worker slots, kept at target by one loop thread."""
+def wsgi_target() -> str:
+    """The site's WSGI application as gunicorn names it (module:attribute)."""
+    from django.conf import settings
 
-    TICK = 0.1
+    path = getattr(settings, "WSGI_APPLICATION", None)
+    if not path:
+        return "django.core.wsgi:get_wsgi_application()"
+    module, _, attribute = path.rpartition(".")
+    return f"{module}:{attribute}"
 
-    def __init__(self, layout: Layout, options: NodeOptions | None = None, env: dict[str, str] | None = None) -> None:
-        self.layout = layout
-        self.options = options or NodeOptions()
-        config = conf.get_config()
-        self.max_jobs = self.options.max_jobs or config["WORKER_MAX_JOBS"]
-        self.stuck_timeout = self.options.stuck_timeout or max(30.0, 3 * float(config["TIMEOUT"]))
-        self._dir = private_socket_dir()
-        self.requested_address = self.options.router or _configured_router() or f"unix://{self._dir}/router.sock"
-        self.address = self.requested_address
-        self.env = child_env(env)
-        self.env.pop(conf.ENV_ROUTER, None)
-        self.router: subprocess.Popen | None = None
-        self._router_started = 0.0
-        self._router_retry_at = 0.0
-        self._router_backoff = 0.0
-        self.workers: list[_Worker] = []
-        self._slot_retry_at: dict[int, float] = {}
-        self._slot_backoff: dict[int, float] = {}
-        self._spawned = 0
-        self.restarts = {"router": 0, "worker": 0, "stuck": 0, "memory": 0}
-        self._requests: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._roll: list[int] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.draining = False  # the masters are stopping: restart nothing
 
-    # -- lifecycle ------------------------------------------------------------------------
+def run_node(gunicorn_args: list[str], masters: int | None = None, options: NodeOptions | None = None) -> int:
+    """Be the node's supervisor until it stops: router, workers, and `python -m gunicorn ARGS`. Returns the exit code.
 
-    def start(self) -> NodeSupervisor:
-        self.router, self.address = start_router(self.requested_address)
-        self._router_started = time.monotonic()
-        apply_affinity(self.router.pid, self.layout.router_cpus)
-        for slot in range(self.layout.workers):
-            self._spawn(slot)
-        self._thread = threading.Thread(target=self._loop, name="parallel_render-node", daemon=True)
-        self._thread.start()
-        return self
+    Call from the main thread of a process that starts nothing else (runparallel does).
+    """
+    from parallel_render.cluster import child_env
 
-    def request(self, what: str) -> None:
-        """Queue 'reload' (restart the workers one by one) for the loop; safe from any thread."""
-        self._requests.put(what)
-
-    def stop(self) -> None:
-        """Stop the workers (each finishes its job), then the router. Call after the masters are gone."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
-        procs = [w.proc for w in self.workers]
-        for proc in procs:
-            send(proc, signal.SIGTERM)
-        wait_all(procs, self.options.grace)
-        if self.router is not None:
-            send(self.router, signal.SIGTERM)
-            wait_all([self.router], 5.0)
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    @property
-    def worker_pids(self) -> list[int]:
-        return [w.proc.pid for w in self.workers]
-
-    def ready_count(self) -> int:
-        return sum(1 for w in self.workers if w.proc.poll() is None and w.last_beat() > 0)
-
-    # -- the loop -------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.TICK):
-            try:
-                self.tick()
-            except Exception:  # the loop must outlive any one failure
-                logger.exception("node supervisor: tick failed")
-
-    def tick(self) -> None:
-        while True:
-            try:
-                what = self._requests.get_nowait()
-            except queue.Empty:
-                break
-            if what == "reload":
-                self._roll = sorted({w.slot for w in self.workers if not w.retiring} | set(self._roll))
-                logger.info("node: restarting %d workers one by one", len(self._roll))
-        now = time.monotonic()
-        self._keep_router(now)
-        self._reap(now)
-        self._watch(now)
-        self._advance_roll()
-        self._fill(now)
-        self._retire(now)
-
-    def _keep_router(self, now: float) -> None:
-        if self.draining or (self.router is not None and self.router.poll() is None):
-            return
-        if now < self._router_retry_at:
-            return
-        if self.router is not None:
-            lived = now - self._router_started
-            logger.warning("node: fastrouter exited with %s after %.1fs; starting it again", self.router.returncode, lived)
-            self._router_backoff = 0.0 if lived > QUICK_DEATH else min(max(self._router_backoff * 2, BACKOFF_START), BACKOFF_MAX)
-        self.restarts["router"] += 1
-        try:
-            self.router, _ = start_router(self.address)
-        except (ClusterError, OSError) as exc:
-            self._router_backoff = min(max(self._router_backoff * 2, BACKOFF_START), BACKOFF_MAX)
-            self._router_retry_at = now + self._router_backoff
-            self.router = None
-            logger.error("node: %s; next try in %.1fs", exc, self._router_backoff)
-            return
-        self._router_started = time.monotonic()
-        self._router_retry_at = now + self._router_backoff
-        apply_affinity(self.router.pid, self.layout.router_cpus)
-
-    def _reap(self, now: float) -> None:
-        for w in list(self.workers):
-            code = w.proc.poll()
-            if code is None:
-                continue
-            self.workers.remove(w)
-            _unlink(w.heartbeat)
-            if w.retiring:
-                continue
-            lived = now - w.started
-            planned = code == 0 or w.killed_by_us
-            if planned or lived > QUICK_DEATH:
-                self._slot_backoff[w.slot] = 0.0
-            else:
-                self._slot_backoff[w.slot] = min(max(self._slot_backoff.get(w.slot, 0.0) * 2, BACKOFF_START), BACKOFF_MAX)
-            self._slot_retry_at[w.slot] = now + self._slot_backoff[w.slot]
-            if not planned:
-                logger.warning("node: worker %d (slot %d) exited with %s after %.1fs; replacing it",
-                               w.proc.pid, w.slot, code, lived)
-            self.restarts["worker"] += 1
-
-    def _watch(self, now: float) -> None:
-        wall = time.time()
-        for w in self.workers:
-            if w.proc.poll() is not None or w.killed_by_us:
-                continue
-            beat = w.last_beat()
-            if beat > 0 and wall - beat > self.stuck_timeout:
-                logger.error("node: worker %d silent for %.0fs (stuck in a job?); killing it", w.proc.pid, wall - beat)
-                w.killed_by_us = True
-                self.restarts["stuck"] += 1
-                send(w.proc, signal.SIGKILL)
-            elif self.options.max_memory_mb and not w.retiring:
-                rss = _rss_mb(w.proc.pid)
-                if rss > self.options.max_memory_mb:
-                    logger.info("node: worker %d uses %.0f MB (limit %.0f); replacing it", w.proc.pid, rss, self.options.max_memory_mb)
-                    self.restarts["memory"] += 1
-                    self._start_retiring(w)
-
-    def _advance_roll(self) -> None:
-        # One slot at a time: the next starts once the previous slot's old worker was stopped.
-        if not self._roll or any(w.retiring and not w.signalled for w in self.workers):
-            return
-        slot = self._roll.pop(0)
-        for w in self.workers:
-            if w.slot == slot and not w.retiring:
-                self._start_retiring(w)
-
-    def _start_retiring(self, w: _Worker) -> None:
-        w.retiring = True
-        w.retire_by = time.monotonic() + READY_WAIT
-
-    def _fill(self, now: float) -> None:
-        if self.draining:
-            return
-        staffed = {w.slot for w in self.workers if not w.retiring}
-        for slot in range(self.layout.workers):
-            if slot not in staffed and now >= self._slot_retry_at.get(slot, 0.0):
-                self._spawn(slot)
-
-    def _retire(self, now: float) -> None:
-        """Stop a retiring worker once its slot's replacement is connected (or too late to wait)."""
-        for w in self.workers:
-            if not w.retiring or w.signalled:
-                continue
-            replaced = any(n.slot == w.slot and not n.retiring and n.last_beat() > 0 for n in self.workers)
-            if replaced or now > w.retire_by:
-                w.signalled = True
-                send(w.proc, signal.SIGTERM)
-
-    def _spawn(self, slot: int) -> None:
-        self._spawned += 1
-        heartbeat = os.path.join(self._dir, f"worker-{slot}-{self._spawned}.beat")
-        with open(heartbeat, "wb"):
-            pass
-        os.utime(heartbeat, (0, 0))  # "not connected yet"
-        proc = subprocess.Popen(
-            worker_command(self.address, self.max_jobs), env={**self.env, HEARTBEAT_ENV: heartbeat},
-            # Its own session: a terminal's Ctrl-C reaches the arbiter, which stops the masters
-            # first and then the workers, so pages in flight still get their fragments.
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        apply_affinity(proc.pid, self.layout.for_worker(slot))
-        self.workers.append(_Worker(proc, slot, heartbeat))
+    options = options or NodeOptions.from_env()
+    log_to_stderr()
+    layout = node_layout(masters, options)
+    env = child_env()
+    env.pop(conf.ENV_ROUTER, None)  # the node's own router, not one this process was pointed at
+    supervisor = Supervisor(
+        layout.workers, env=env, address=options.router or _configured_router(), max_jobs=options.max_jobs,
+        stuck_timeout=options.stuck_timeout, max_memory_mb=options.max_memory_mb, layout=layout, grace=options.grace,
+        arbiter=[sys.executable, "-m", "gunicorn", *gunicorn_args], arbiter_env=options.to_env(),
+    )
+    _close_db_connections()
+    # Handlers first: a SIGTERM during start-up is queued, and drains the node once it runs.
+    supervisor.install_signals()
+    supervisor.start()
+    for line in layout.describe().splitlines():
+        logger.info("%s", line)
+    router = supervisor.router
+    logger.info("supervisor %d: fastrouter at %s (pid %d), workers %s, gunicorn arbiter pid %d; private directory %s",
+                os.getpid(), supervisor.address, router.pid if router else 0, supervisor.worker_pids,
+                supervisor.arbiter.pid if supervisor.arbiter else 0, supervisor.dir.path if supervisor.dir else "-")
+    return supervisor.run()
 
 
 def _configured_router() -> str | None:
@@ -313,55 +138,22 @@ def _configured_router() -> str | None:
     return user.get("ROUTER")
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+# -- gunicorn hooks (parallel_render.gunicorn_conf): they run in the arbiter --------------------
 
-
-def _rss_mb(pid: int) -> float:
-    try:
-        import psutil
-
-        return psutil.Process(pid).memory_info().rss / 2**20
-    except Exception:
-        return 0.0
-
-
-# -- gunicorn hooks (parallel_render.gunicorn_conf and runparallel use these) ----------------
-
-_node: NodeSupervisor | None = None
-
-
-def node() -> NodeSupervisor | None:
-    """The supervisor running in this arbiter, if any."""
-    return _node
-
-
-def node_layout(masters: int | None = None, options: NodeOptions | None = None) -> Layout:
-    options = options or NodeOptions.from_env()
-    layout = plan(masters=masters, workers=options.workers)
-    if not options.affinity:
-        layout = unpinned(layout, "affinity turned off (--no-affinity)")
-    return layout
+_layout: Layout | None = None
 
 
 def on_starting(server: Any) -> None:
-    """Arbiter, before the listeners: start the router and workers; tell future masters where it is."""
-    global _node
+    """Arbiter, before its listeners: under our supervisor, die with it; else become the supervisor."""
+    global _layout
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if not supervisor:
+        _become_supervisor(server)  # does not return
+    from parallel_render.process import die_with_parent
+
+    die_with_parent(int(supervisor))
     _ensure_django(server)
-    options = NodeOptions.from_env()
-    layout = node_layout(server.cfg.workers, options)
-    _close_db_connections()
-    _node = NodeSupervisor(layout, options).start()
-    os.environ[conf.ENV_ROUTER] = _node.address
-    conf.get_config.cache_clear()
-    _watch_stop(server, _node)
-    for line in layout.describe().splitlines():
-        server.log.info("parallel_render: %s", line)
-    server.log.info("parallel_render: fastrouter at %s (pid %d), workers %s",
-                    _node.address, _node.router.pid if _node.router else 0, _node.worker_pids)
+    _layout = node_layout(server.cfg.workers, NodeOptions.from_env())
 
 
 def pre_fork(server: Any, worker: Any) -> None:
@@ -376,33 +168,42 @@ def post_fork(server: Any, worker: Any) -> None:
     from parallel_render.process import die_with_parent
 
     die_with_parent(server.pid)
-    if _node is not None:
-        apply_affinity(os.getpid(), _node.layout.for_master(getattr(worker, "parallel_render_slot", 0)))
+    if _layout is not None:
+        apply_affinity(os.getpid(), _layout.for_master(getattr(worker, "parallel_render_slot", 0)))
 
 
-def on_reload(server: Any) -> None:
-    """SIGHUP: gunicorn replaces the masters; we restart the workers one by one."""
-    if _node is not None:
-        _node.request("reload")
+def _become_supervisor(server: Any) -> None:
+    """Plain `gunicorn -c python:parallel_render.gunicorn_conf APP`: exec the supervisor in this process.
+
+    It starts gunicorn again, with the same arguments, as its child. gunicorn has not bound
+    its listeners yet; its pid file (if any) keeps this pid, now the supervisor's.
+    """
+    if server.cfg.daemon:
+        raise RuntimeError("parallel_render node: gunicorn's --daemon is not supported; run the node in the "
+                           "foreground under a process manager (systemd, supervisord, a container)")
+    _ensure_django(server)  # sets DJANGO_SETTINGS_MODULE from the WSGI module, for the supervisor
+    from parallel_render.cluster import child_env
+
+    env = child_env({MASTERS_ENV: str(server.cfg.workers)})
+    if server.pidfile is not None:
+        env[PIDFILE_ENV] = server.pidfile.fname
+    server.log.info("parallel_render: this process (%d) becomes the node's supervisor; gunicorn starts again as its child",
+                    os.getpid())
+    os.execve(sys.executable, [sys.executable, "-m", "parallel_render.node", *without_pidfile(sys.argv[1:])], env)
 
 
-def on_exit(server: Any) -> None:
-    """Arbiter, after the masters have finished their pages: stop the workers, then the router."""
-    global _node
-    if _node is not None:
-        _node.stop()
-        _node = None
-
-
-def _watch_stop(server: Any, supervisor: NodeSupervisor) -> None:
-    """gunicorn has no hook for "stopping": wrap Arbiter.stop so nothing restarts while masters drain."""
-    original = server.stop
-
-    def stop(*args: Any, **kwargs: Any) -> None:
-        supervisor.draining = True
-        original(*args, **kwargs)
-
-    server.stop = stop
+def without_pidfile(args: list[str]) -> list[str]:
+    """gunicorn arguments minus -p/--pid: the pid file names the supervisor, not the arbiter."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("-p", "--pid"):
+            skip = True
+        elif not (arg.startswith("--pid=") or (arg.startswith("-p") and not arg.startswith("--") and len(arg) > 2)):
+            out.append(arg)
+    return out
 
 
 def _ensure_django(server: Any) -> None:
@@ -426,23 +227,22 @@ def _close_db_connections() -> None:
     connections.close_all()
 
 
-def gunicorn_application(overrides: dict[str, Any] | None = None) -> Any:
-    """gunicorn running parallel_render.gunicorn_conf (plus `overrides`) with this project's WSGI app."""
-    from gunicorn.app.base import BaseApplication
+def main(argv: list[str]) -> int:
+    """`python -m parallel_render.node GUNICORN_ARGS`: what plain gunicorn execs into (see on_starting)."""
+    import django
 
-    class NodeApplication(BaseApplication):
-        def load_config(self) -> None:
-            import importlib
+    django.setup(set_prefix=False)
+    raw = os.environ.pop(MASTERS_ENV, "")
+    pidfile = os.environ.pop(PIDFILE_ENV, "")
+    try:
+        return run_node(argv, int(raw) if raw else None)
+    finally:
+        if pidfile:
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
 
-            module = importlib.import_module("parallel_render.gunicorn_conf")
-            values = {k: v for k, v in vars(module).items() if k in self.cfg.settings}
-            values.update(overrides or {})
-            for key, value in values.items():
-                self.cfg.set(key, value)
 
-        def load(self) -> Any:
-            from django.core.servers.basehttp import get_internal_wsgi_application
-
-            return get_internal_wsgi_application()
-
-    return NodeApplication()
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -7,13 +7,15 @@ import re
 import signal
 import socket
 import subprocess
-import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.processes import python
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +27,7 @@ def free_port() -> int:
 
 
 def start_runserver(*extra: str) -> tuple[subprocess.Popen, int]:
+    """runserver on a free port, its output in a file (proc.log), SIGINT at its default whatever pytest inherited."""
     port = free_port()
     from django.conf import settings
 
@@ -33,10 +36,13 @@ def start_runserver(*extra: str) -> tuple[subprocess.Popen, int]:
         PR_TEST_DB=str(settings.DATABASES["default"]["NAME"]),
     )
     env.pop("PARALLEL_RENDER_ROUTER", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "django", "runserver", f"127.0.0.1:{port}", *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    log = tempfile.NamedTemporaryFile(prefix="runserver-", suffix=".log", delete=False)
+    with log:
+        proc = subprocess.Popen(
+            python("-m", "django", "runserver", f"127.0.0.1:{port}", *extra),
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    proc.log = Path(log.name)  # type: ignore[attr-defined]
     return proc, port
 
 
@@ -101,6 +107,7 @@ def runserver():
         except ProcessLookupError:
             pass
         proc.wait()
+        proc.log.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("how", ["sigint-group", "sigkill-parent"])
@@ -131,6 +138,19 @@ def test_autoreload_replaces_the_cluster(runserver, transactional_db, tmp_path):
     assert not (cluster_pids(proc.pid) & first)
 
 
+def test_a_killed_worker_is_logged_by_its_signal_and_replaced(runserver, transactional_db):
+    """runserver's router and workers have the node's supervisor (in a thread of the serving process)."""
+    proc, port = runserver("--noreload")
+    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="router and 2 workers")
+    wait_for(lambda: page_ok(port), what="the page")
+    workers = [pid for pid in cluster_pids(proc.pid) if "parallel_worker" in " ".join(psutil.Process(pid).cmdline())]
+    os.kill(workers[0], signal.SIGKILL)
+    wait_for(lambda: re.search(rf"worker {workers[0]} \(slot \d\) killed by SIGKILL", proc.log.read_text(errors="replace")),
+             what="the supervisor to say how the worker ended")
+    wait_for(lambda: len(cluster_pids(proc.pid)) == 3 and workers[0] not in cluster_pids(proc.pid), what="a new worker")
+    wait_for(lambda: page_ok(port), what="the page")
+
+
 def test_noparallel_starts_nothing(runserver, transactional_db):
     proc, port = runserver("--noparallel")
     wait_for(lambda: page_ok(port), what="the page")
@@ -141,7 +161,8 @@ def test_startup_line_names_router_and_workers(runserver, transactional_db):
     proc, port = runserver("--noreload")
     wait_for(lambda: page_ok(port), what="the page")
     os.killpg(proc.pid, signal.SIGINT)
-    out = proc.communicate(timeout=10)[0].decode()
+    proc.wait(30)
+    out = proc.log.read_text(errors="replace")
     assert re.search(r"parallel_render: fastrouter at unix://\S+ \(pid \d+\), 2 workers", out), out
 
 

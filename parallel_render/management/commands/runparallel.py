@@ -1,17 +1,18 @@
 """`manage.py runparallel`: a production node (router, workers, gunicorn masters, CPU layout).
 
-It runs the gunicorn configuration in parallel_render.gunicorn_conf in this process, so
-`gunicorn -c python:parallel_render.gunicorn_conf project.wsgi` behaves the same.
+This process becomes the node's supervisor (parallel_render.node.run_node): it starts the
+router, the workers and gunicorn (with parallel_render.gunicorn_conf) as its children and
+watches them until SIGTERM or SIGINT drains the node (twice: at once).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from parallel_render.node import NodeOptions, gunicorn_application, node_layout
+from parallel_render.cluster import ClusterError
+from parallel_render.node import NodeOptions, node_layout, run_node, wsgi_target
 
 
 class Command(BaseCommand):
@@ -29,7 +30,8 @@ class Command(BaseCommand):
         parser.add_argument("--max-jobs", type=int, default=None, help="recycle a worker after this many jobs")
         parser.add_argument("--max-memory", type=float, default=None, metavar="MB", help="recycle a worker above this resident size")
         parser.add_argument("--stuck-timeout", type=float, default=None, metavar="S",
-                            help="kill a worker silent this long in one job (default 3 x TIMEOUT, at least 30)")
+                            help="abort (SIGABRT, its stack to stderr, then SIGKILL) a worker silent this long in one job "
+                                 "(default 3 x TIMEOUT, at least 30)")
         parser.add_argument("--router", default=None, help="address the router listens on (default: a private Unix socket)")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -43,10 +45,14 @@ class Command(BaseCommand):
         if options["layout"]:
             self.stdout.write(node_layout(options["masters"], node_options).describe())
             return
-        overrides = {
-            "bind": options["bind"], "workers": options["masters"],
-            "worker_class": options["worker_class"], "threads": options["threads"],
-        }
-        # The hooks read the node's options from the environment, as under plain gunicorn.
-        os.environ.update(node_options.to_env())
-        gunicorn_application({k: v for k, v in overrides.items() if v is not None}).run()
+        args = ["-c", "python:parallel_render.gunicorn_conf"]
+        for flag, value in (("--bind", options["bind"]), ("--workers", options["masters"]),
+                            ("--worker-class", options["worker_class"]), ("--threads", options["threads"])):
+            if value is not None:
+                args += [flag, str(value)]
+        try:
+            code = run_node([*args, wsgi_target()], options["masters"], node_options)
+        except ClusterError as exc:
+            raise CommandError(str(exc)) from None
+        if code:
+            raise SystemExit(code)
