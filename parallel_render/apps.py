@@ -10,7 +10,9 @@ class ParallelRenderConfig(AppConfig):
     def ready(self) -> None:
         from django.core.signals import setting_changed
 
-        from parallel_render import checks  # noqa: F401  (registers the checks)
+        from parallel_render import checks, rendering  # noqa: F401  (checks registers the checks)
         from parallel_render.conf import clear_config
 
         setting_changed.connect(clear_config, dispatch_uid="parallel_render.clear_config")
+        # Every render through the template backend stitches the blocks it sent.
+        rendering.install()

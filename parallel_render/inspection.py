@@ -101,7 +101,7 @@ def url_blocks(path: str) -> list[tuple[str, str]]:
     from parallel_render.testing import test_host_allowed
 
     client = _RecordingClient()
-    current = session.RenderSession(None, client)  # type: ignore[arg-type]
+    current = session.RenderSession(None, client, stitch=False)  # type: ignore[arg-type]
     token = session.activate(current)
     try:
         settings_now = dict(conf.get_config())

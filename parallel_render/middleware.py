@@ -90,25 +90,44 @@ class ParallelRenderMiddleware:
 def abandon(current: session.RenderSession) -> None:
     """The view raised after blocks went out: tell the router, so nothing waits for them."""
     current.drop_bundle()
-    if current.fragments:
-        current.client.cancel(sorted({f.job_id for f in current.fragments if f.job_id}))
+    if current.unresolved():
+        current.client.cancel(sorted({f.job_id for f in current.fragments[current.resolved:] if f.job_id}))
 
 
 def stitch(current: session.RenderSession, response: HttpResponse) -> None:
-    """Wait for every fragment (one deadline for the page), then replace placeholders in one pass."""
-    html, timings = gather(current)
+    """After the view: the Server-Timing header, and any placeholder a render left.
+
+    Every render through the template backend stitched its own blocks before it returned
+    (parallel_render.rendering); what is left here is a render on an async view's event loop.
+    """
+    resolve(current)
     if getattr(response, "streaming", False):
-        logger.error("a streaming response cannot be stitched; %d fragments were dropped", len(html))
+        if current.html:
+            logger.error("a streaming response cannot be stitched; its blocks may be missing")
         return
-    charset = response.charset
-    encoded = {i: s.encode(charset) for i, s in html.items()}
-    content = current.pattern().sub(lambda m: encoded.get(int(m.group(1)), m.group(0)), response.content)
-    response.content = content
-    if response.has_header("Content-Length"):
-        response.headers["Content-Length"] = str(len(content))
-    if server_timing_enabled():
+    if b"<!--pr:" in response.content:
+        charset = response.charset
+        encoded = {i: s.encode(charset) for i, s in current.html.items()}
+        content = current.pattern().sub(lambda m: encoded.get(int(m.group(1)), m.group(0)), response.content)
+        response.content = content
+        if response.has_header("Content-Length"):
+            response.headers["Content-Length"] = str(len(content))
+    if current.timings and server_timing_enabled():
         existing = response.headers.get("Server-Timing")
-        response.headers["Server-Timing"] = ", ".join(([existing] if existing else []) + timings)
+        response.headers["Server-Timing"] = ", ".join(([existing] if existing else []) + current.timings)
+
+
+def resolve(current: session.RenderSession) -> None:
+    """Gather every fragment not gathered yet (one deadline for them all) into current.html."""
+    pending = current.fragments[current.resolved:]
+    if not pending and not current.bundle:
+        return
+    current.send_bundle()
+    pending = current.fragments[current.resolved:]
+    current.resolved = len(current.fragments)
+    html, timings = gather(current, pending)
+    current.html.update(html)
+    current.timings.extend(timings)
 
 
 def server_timing_enabled() -> bool:
@@ -120,12 +139,16 @@ def server_timing_enabled() -> bool:
 
 
 def stitch_text(current: session.RenderSession, text: str) -> str:
-    """The same for a string: a worker stitching the blocks nested in the block it rendered."""
-    html, _timings = gather(current)
+    """A render's output with every block it sent in place (a worker stitching the blocks
+    nested in the one it rendered, or any render through the template backend)."""
+    resolve(current)
+    if "<!--pr:" not in text:
+        return text
+    html = current.html
     return current.text_pattern().sub(lambda m: html.get(int(m.group(1)), m.group(0)), text)
 
 
-def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
+def gather(current: session.RenderSession, fragments: list[session.Pending]) -> tuple[dict[int, str], list[str]]:
     """Every fragment's HTML (from its worker, or rendered here) and a Server-Timing entry each.
 
     Before waiting, the master takes back its blocks that no worker has started, newest
@@ -133,8 +156,6 @@ def gather(current: session.RenderSession) -> tuple[dict[int, str], list[str]]:
     queue for work it could do. The router's queue is first in, first out, so once the
     newest block still out is with a worker, every older one is too.
     """
-    current.send_bundle()
-    fragments = current.fragments
     client = current.client
     deadline = max(f.deadline for f in fragments) + GRACE
     html: dict[int, str] = {}

@@ -51,6 +51,17 @@ class RenderSession:
     bundle: list[tuple[Pending, bytes]] = field(default_factory=list)
     bundle_ms: float = 0.0
     bundle_bytes: int = 0
+    # Fragments gathered so far (every render stitches its own before it returns): their
+    # HTML by index, their Server-Timing entries, and how many of `fragments` that covers.
+    html: dict[int, str] = field(default_factory=dict)
+    timings: list[str] = field(default_factory=list)
+    resolved: int = 0
+    # False for a dry run (parallel_check --url): renders leave their placeholders.
+    stitch: bool = True
+
+    def unresolved(self) -> bool:
+        """Whether some block went out (or waits in the bundle) and has not been gathered."""
+        return len(self.fragments) > self.resolved or bool(self.bundle)
 
     def add_to_bundle(self, pending: Pending, body: bytes, cost_ms: float, full_ms: float) -> None:
         """Add a cheap block to the open bundle; send the bundle once it holds full_ms of work

@@ -132,9 +132,32 @@ def test_blocks_that_cannot_be_sent_render_inline_and_say_why(parallel, caplog):
     assert "Server-Timing" not in response.headers
 
 
-def test_render_to_string_outside_a_response_stays_inline(parallel):
+def test_render_to_string_whose_html_a_view_puts_in_json_is_stitched_before_it_returns(parallel):
     response = Client().get("/json/?title=J")
     assert response.json() == {"html": "inner J\n"}
+    assert block_pids(response), "the block was rendered by a worker"
+
+
+def test_a_view_that_reuses_renders_output_gets_the_whole_page(parallel):
+    """JsonResponse({"html": render(...).content.decode()}): no placeholder reaches the view."""
+    from parallel_render.testing import serially
+
+    path = "/json_of_render/?marker=j&n=4"
+    with serially():
+        serial = Client().get(path)
+    response = Client().get(path)
+    assert response.json() == serial.json()
+    assert "<!--pr:" not in response.json()["html"]
+    assert len(block_pids(response)) == 5  # four items and the title
+
+
+def test_a_render_inside_a_tag_is_whole_before_the_tag_transforms_it(parallel):
+    """A custom tag that escapes what render_to_string gives it sees the finished HTML."""
+    from parallel_render.testing import assert_parallel_equals_serial
+
+    response = assert_parallel_equals_serial(Client(), "/p/escaped_include/?title=E")
+    assert "&lt;!--pr:" not in response.content.decode()
+    assert len(block_pids(response)) == 2
 
 
 def test_content_length_is_fixed_after_stitching(parallel):

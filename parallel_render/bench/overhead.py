@@ -155,10 +155,11 @@ def check_page(client: Any, path: str, blocks: int) -> None:
     from django.conf import settings
     from django.test import override_settings
 
-    from parallel_render.testing import SERIAL_HEADER, worker_rendered
+    from parallel_render.testing import serially, worker_rendered
 
     with override_settings(PARALLEL_RENDER={**settings.PARALLEL_RENDER, "SERVER_TIMING": True}):
-        serial = client.get(path, **SERIAL_HEADER)
+        with serially():
+            serial = client.get(path)
         parallel = client.get(path)
     if serial.status_code != 200 or parallel.content != serial.content:
         raise RuntimeError(f"{path}: the parallel page is not the serial page (status {parallel.status_code})")

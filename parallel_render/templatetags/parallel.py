@@ -347,8 +347,9 @@ def enclosure_reason(node: ParallelNode, frame: Any) -> str | None:
     """Why the block's output would not reach the response unchanged, from the render stack.
 
     Walks up the Python stack: every template node being rendered around the block must pass
-    its output through unchanged, and the outermost render must be for a response (the
-    render() shortcut or a TemplateResponse), where the middleware stitches the page.
+    its output through unchanged, up to the render that stitches it: a render through the
+    template backend (render(), render_to_string(), TemplateResponse; see
+    parallel_render.rendering), or a worker's rendering of the block it nests in.
     """
     transparent = analysis.transparent_paths(conf.get_config()["TRANSPARENT_TAGS"])
     f = frame
@@ -361,17 +362,15 @@ def enclosure_reason(node: ParallelNode, frame: Any) -> str | None:
         elif code in _RESPONSE_CODES:
             return None
         f = f.f_back
-    return "the template is not rendered for a response (render() or TemplateResponse)"
+    return "the template is not rendered through Django's template backend (render(), render_to_string(), TemplateResponse)"
 
 
 def _response_codes() -> set[Any]:
-    from django import shortcuts
-    from django.template.response import SimpleTemplateResponse
+    from parallel_render import rendering, worker
 
-    from parallel_render import worker
-
-    # A worker's rendering of a block is a root too: it stitches the blocks nested in it.
-    return {shortcuts.render.__code__, SimpleTemplateResponse.rendered_content.fget.__code__, worker.render_job.__code__}
+    # Every render through the template backend stitches its own blocks before it returns;
+    # a worker's rendering of a block stitches the blocks nested in it.
+    return {rendering.render_code(), worker.render_job.__code__}
 
 
 _RENDER_ANNOTATED = Node.render_annotated.__code__

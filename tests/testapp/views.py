@@ -53,6 +53,14 @@ def json_view(request):
     return JsonResponse({"html": html})
 
 
+def json_of_render(request):
+    """A view that reuses render()'s output: the HTML travels inside a JSON document."""
+    from django.http import JsonResponse
+
+    page = render(request, "t/leak.html", common_context(request))
+    return JsonResponse({"html": page.content.decode(), "length": len(page.content)})
+
+
 def form_view(request):
     from django.http import HttpResponse
 

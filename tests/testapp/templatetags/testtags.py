@@ -72,3 +72,13 @@ def sleep_in_worker(seconds):
     if os.environ.get("PR_ROLE") == "worker" or "parallel_worker" in " ".join(__import__("sys").argv):
         time.sleep(float(seconds))
     return ""
+
+
+@register.simple_tag(takes_context=True)
+def escaped_include(context, name):
+    """Renders another template through the backend and escapes the result, as a tag that
+    shows HTML as source might: the inner blocks must be in place before the escaping."""
+    from django.template.loader import render_to_string
+    from django.utils.html import escape
+
+    return escape(render_to_string(name, context.flatten(), context.get("request")))
