@@ -46,13 +46,14 @@ def start_runserver(*extra: str) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def wait_for(predicate, timeout: float = 20.0, what: str = "") -> None:
+def wait_for(predicate, timeout: float = 60.0, what: str = "", proc: subprocess.Popen | None = None) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if predicate():
             return
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    said = "\n".join(proc.log.read_text(errors="replace").splitlines()[-40:]) if proc is not None else ""
+    raise AssertionError(f"timed out waiting for {what}" + (f"; runserver said:\n{said}" if said else ""))
 
 
 def cluster_pids(root_pid: int) -> set[int]:
@@ -85,7 +86,7 @@ def all_gone(pids: set[int]) -> bool:
 
 def page_ok(port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/p/leak/?marker=rs", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/p/leak/?marker=rs", timeout=30) as r:
             return r.status == 200 and "rs-0" in r.read().decode()
     except OSError:
         return False
@@ -113,53 +114,53 @@ def runserver():
 @pytest.mark.parametrize("how", ["sigint-group", "sigkill-parent"])
 def test_no_orphans(runserver, transactional_db, how):
     proc, port = runserver()
-    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="router and 2 workers")
-    wait_for(lambda: page_ok(port), what="the page")
+    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="router and 2 workers", proc=proc)
+    wait_for(lambda: page_ok(port), what="the page", proc=proc)
     pids = cluster_pids(proc.pid)
     everything = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
     if how == "sigint-group":
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
     else:
         proc.kill()
-    wait_for(lambda: all_gone(pids | everything), timeout=10, what=f"{how}: no process left")
+    wait_for(lambda: all_gone(pids | everything), timeout=30, what=f"{how}: no process left", proc=proc)
     proc.wait()
 
 
 def test_autoreload_replaces_the_cluster(runserver, transactional_db, tmp_path):
     proc, port = runserver()
-    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="router and 2 workers")
-    wait_for(lambda: page_ok(port), what="the page")
+    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="router and 2 workers", proc=proc)
+    wait_for(lambda: page_ok(port), what="the page", proc=proc)
     first = cluster_pids(proc.pid)
     views = ROOT / "tests" / "testapp" / "views.py"
     os.utime(views)  # what saving the file does, for the reloader
-    wait_for(lambda: all_gone(first), timeout=20, what="the old cluster to go")
-    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="a new cluster")
-    wait_for(lambda: page_ok(port), what="the page after reload")
+    wait_for(lambda: all_gone(first), timeout=60, what="the old cluster to go", proc=proc)
+    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="a new cluster", proc=proc)
+    wait_for(lambda: page_ok(port), what="the page after reload", proc=proc)
     assert not (cluster_pids(proc.pid) & first)
 
 
 def test_a_killed_worker_is_logged_by_its_signal_and_replaced(runserver, transactional_db):
     """runserver's router and workers have the node's supervisor (in a thread of the serving process)."""
     proc, port = runserver("--noreload")
-    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="router and 2 workers")
-    wait_for(lambda: page_ok(port), what="the page")
+    wait_for(lambda: len(cluster_pids(proc.pid)) == 3, what="router and 2 workers", proc=proc)
+    wait_for(lambda: page_ok(port), what="the page", proc=proc)
     workers = [pid for pid in cluster_pids(proc.pid) if "parallel_worker" in " ".join(psutil.Process(pid).cmdline())]
     os.kill(workers[0], signal.SIGKILL)
     wait_for(lambda: re.search(rf"worker {workers[0]} \(slot \d\) killed by SIGKILL", proc.log.read_text(errors="replace")),
-             what="the supervisor to say how the worker ended")
-    wait_for(lambda: len(cluster_pids(proc.pid)) == 3 and workers[0] not in cluster_pids(proc.pid), what="a new worker")
-    wait_for(lambda: page_ok(port), what="the page")
+             what="the supervisor to say how the worker ended", proc=proc)
+    wait_for(lambda: len(cluster_pids(proc.pid)) == 3 and workers[0] not in cluster_pids(proc.pid), what="a new worker", proc=proc)
+    wait_for(lambda: page_ok(port), what="the page", proc=proc)
 
 
 def test_noparallel_starts_nothing(runserver, transactional_db):
     proc, port = runserver("--noparallel")
-    wait_for(lambda: page_ok(port), what="the page")
+    wait_for(lambda: page_ok(port), what="the page", proc=proc)
     assert cluster_pids(proc.pid) == set()
 
 
 def test_startup_line_names_router_and_workers(runserver, transactional_db):
     proc, port = runserver("--noreload")
-    wait_for(lambda: page_ok(port), what="the page")
+    wait_for(lambda: page_ok(port), what="the page", proc=proc)
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(30)
     out = proc.log.read_text(errors="replace")

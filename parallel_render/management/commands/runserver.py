@@ -1,8 +1,11 @@
 """runserver that also starts a fastrouter and PARALLEL_RENDER['WORKERS'] workers.
 
 It subclasses whichever runserver comes after parallel_render in INSTALLED_APPS (usually
-staticfiles'), so both keep working. Under the autoreloader, the router and workers belong
-to the serving child: a reload ends that child and its cluster, and the new child starts a
+staticfiles'), so both keep working. The router and workers are kept by the same
+supervisor as a production node's (parallel_render.supervisor, via LocalCluster), in a thread
+of the serving process: restarts with backoff, stuck workers aborted with their stack in the
+output, exits reported by signal name. Under the autoreloader they belong to the serving
+child: a reload ends that child and its cluster (drained at exit), and the new child starts a
 fresh one. Every process we start dies with its parent, even after SIGKILL.
 """
 
