@@ -361,10 +361,12 @@ class Supervisor:
         if self._selector is not None:
             self._selector.close()
             self._selector = None
-        for fd in (self._wake_r, self._wake_w):
+        # Forget the pipe before closing it: request() from another thread must not write to
+        # a descriptor number that something else may reuse.
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        self._wake_r = self._wake_w = -1
 
     # -- requests and signals ---------------------------------------------------------------
 
