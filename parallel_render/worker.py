@@ -90,6 +90,10 @@ class Worker:
                 backoff = 0.05
                 try:
                     self._serve(sock)
+                except OSError as exc:
+                    # The router went away while this worker was writing to it (a restart, a
+                    # crash): connect again, as after any other loss of the connection.
+                    logger.info("worker %d: router connection lost (%s); reconnecting", self.pid, exc)
                 finally:
                     sock.close()
                 if self.max_jobs and self.jobs_done >= self.max_jobs:
