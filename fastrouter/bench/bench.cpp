@@ -23,7 +23,9 @@
 #include <thread>
 #include <vector>
 
+#include "auth.h"
 #include "frame.h"
+#include "sha256.h"
 
 namespace {
 
@@ -34,7 +36,9 @@ const char kUsage[] =
     "  load ADDRESS [--masters M] [--size B] [--batch K] [--seconds S]\n"
     "                                          M closed-loop submitters, K jobs per write\n"
     "  pingpong [--count N] [--size B]         the same frame bounced over a socketpair\n"
-    "Each mode but echo prints one JSON line. ADDRESS is unix:///path or tcp://host:port.\n";
+    "Each mode but echo prints one JSON line. ADDRESS is unix:///path or tcp://host:port.\n"
+    "  --key-file PATH     authenticate with the router's --auth-key-file (any mode but pingpong);\n"
+    "                      without it, the one-byte HELLO of a router started with --no-auth\n";
 
 [[noreturn]] void die(const char* what) {
     fprintf(stderr, "fastrouter_bench: %s: %s\n", what, strerror(errno));
@@ -94,25 +98,55 @@ bool write_all(int fd, const void* data, size_t n) {
 }
 
 void put_frame(std::vector<uint8_t>* out, uint8_t type, uint64_t id, const uint8_t* payload,
-               size_t len, uint32_t timeout_ms = 0, const std::string& auth = std::string()) {
-    const fr::FrameHeader h{type, 0, id, timeout_ms, static_cast<uint32_t>(len + auth.size())};
+               size_t len, uint32_t timeout_ms = 0) {
+    const fr::FrameHeader h{type, 0, id, timeout_ms, static_cast<uint32_t>(len)};
     uint8_t hdr[fr::kHeaderSize];
     fr::frame_encode_header(h, hdr);
     out->insert(out->end(), hdr, hdr + sizeof hdr);
     if (len) out->insert(out->end(), payload, payload + len);
-    out->insert(out->end(), auth.begin(), auth.end());
 }
 
-std::string auth_token() {
-    const char* t = std::getenv("FASTROUTER_BENCH_TOKEN");
-    return t ? std::string(t) : std::string();
-}
+bool read_frames(int fd, fr::FrameParser* in);
 
+// --key-file: set once in main() before any thread starts.
+bool g_has_key = false;
+uint8_t g_key[fr::kAuthKeySize];
+
+// PROTOCOL.md "Handshake", the peer's side: HELLO role || Np, check the CHALLENGE's proof,
+// AUTH. Without a key, the one-byte HELLO of a --no-auth router is the whole handshake.
 void hello(int fd, fr::Role role) {
     std::vector<uint8_t> out;
-    uint8_t r = role;
-    put_frame(&out, fr::kHello, 0, &r, 1, 0, auth_token());
+    uint8_t payload[1 + fr::kNonceSize] = {role};
+    if (!g_has_key) {
+        put_frame(&out, fr::kHello, 0, payload, 1);
+        if (!write_all(fd, out.data(), out.size())) die("write HELLO");
+        return;
+    }
+    if (!fr::random_bytes(payload + 1, fr::kNonceSize)) die("getrandom");
+    put_frame(&out, fr::kHello, 0, payload, sizeof payload);
     if (!write_all(fd, out.data(), out.size())) die("write HELLO");
+    fr::FrameParser in;
+    fr::Frame f;
+    while (in.next(&f) != fr::FrameParser::Status::kFrame)
+        if (in.error() != fr::DecodeError::kNone || !read_frames(fd, &in))
+            die("the router closed the connection during the handshake");
+    if (f.header.type != fr::kChallenge || f.header.length != fr::kChallengePayload) {
+        fprintf(stderr, "fastrouter_bench: the router answered HELLO with %s: %.*s\n",
+                fr::frame_type_name(f.header.type), static_cast<int>(f.header.length),
+                reinterpret_cast<const char*>(f.payload));
+        exit(1);
+    }
+    const uint8_t* nr = f.payload;
+    uint8_t want[fr::kProofSize], proof[fr::kProofSize];
+    fr::auth_router_proof(g_key, role, payload + 1, nr, want);
+    if (!fr::constant_time_equal(want, nr + fr::kNonceSize, fr::kProofSize)) {
+        fprintf(stderr, "fastrouter_bench: the router's proof is wrong: it does not hold this key\n");
+        exit(1);
+    }
+    fr::auth_peer_proof(g_key, role, payload + 1, nr, proof);
+    out.clear();
+    put_frame(&out, fr::kAuth, 0, proof, sizeof proof);
+    if (!write_all(fd, out.data(), out.size())) die("write AUTH");
 }
 
 // Reads until at least one whole frame is parsed; false on EOF.
@@ -384,7 +418,14 @@ int main(int argc, char** argv) {
             return 2;
         }
         const char* v = argv[++i];
-        if (opt == "--workers") workers = number(argv[i - 1], v);
+        if (opt == "--key-file") {
+            std::string err;
+            if (!fr::read_auth_key_file(v, geteuid(), g_key, &err)) {
+                fprintf(stderr, "fastrouter_bench: --key-file: %s\n", err.c_str());
+                return 2;
+            }
+            g_has_key = true;
+        } else if (opt == "--workers") workers = number(argv[i - 1], v);
         else if (opt == "--count") count = number(argv[i - 1], v);
         else if (opt == "--size") size = number(argv[i - 1], v);
         else if (opt == "--masters") masters = number(argv[i - 1], v);

@@ -1,15 +1,40 @@
-// Parsing of --listen addresses; kept apart from net.cpp so it is unit-tested without sockets.
+// Parsing of --listen addresses and the loopback test; kept apart from net.cpp so they are
+// unit-tested without sockets.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/un.h>
 
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 
 #include "net.h"
 
 namespace fr {
 
-bool is_loopback_host(const std::string& host) {
-    return host == "localhost" || host == "::1" || host.compare(0, 4, "127.") == 0;
+bool is_loopback_address(const sockaddr* sa) {
+    if (sa->sa_family == AF_INET) {
+        const auto* in = reinterpret_cast<const sockaddr_in*>(sa);
+        return (ntohl(in->sin_addr.s_addr) >> 24) == 127;
+    }
+    if (sa->sa_family == AF_INET6) {
+        const auto* in6 = reinterpret_cast<const sockaddr_in6*>(sa);
+        const uint8_t* b = in6->sin6_addr.s6_addr;
+        static const uint8_t kLoop[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+        static const uint8_t kMapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        if (std::memcmp(b, kLoop, 16) == 0) return true;
+        return std::memcmp(b, kMapped, 12) == 0 && b[12] == 127;  // ::ffff:127.x.y.z
+    }
+    return false;
+}
+
+std::string address_text(const sockaddr* sa) {
+    char buf[INET6_ADDRSTRLEN] = "?";
+    if (sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(sa)->sin_addr, buf, sizeof buf);
+    else if (sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(sa)->sin6_addr, buf, sizeof buf);
+    return buf;
 }
 
 bool parse_listen_address(const std::string& s, ListenAddress* out, std::string* err) {

@@ -7,7 +7,7 @@ namespace fr {
 
 namespace {
 
-constexpr size_t kInitialBuffer = 16 << 10;
+constexpr size_t kMinBuffer = 64;
 constexpr size_t kKeepBuffer = 1 << 20;
 
 void put16(uint8_t* p, uint16_t v) {
@@ -49,6 +49,8 @@ const char* frame_type_name(uint8_t type) {
         case kCancel: return "CANCEL";
         case kWithdraw: return "WITHDRAW";
         case kWithdrawn: return "WITHDRAWN";
+        case kChallenge: return "CHALLENGE";
+        case kAuth: return "AUTH";
         default: return "UNKNOWN";
     }
 }
@@ -109,16 +111,15 @@ uint8_t* FrameParser::reserve(size_t min, size_t* avail) {
         end_ -= start_;
         start_ = 0;
     }
-    // Grow to hold the whole pending frame so one read can complete it.
+    // Room for what has arrived and is still unparsed plus one read of `min`; never the length
+    // a header announces, which a peer can state without sending the bytes. The buffer grows
+    // only when it is full of received bytes, and then doubles, so a large frame costs a few
+    // copies and the capacity stays below twice the bytes received plus one read.
     size_t want = end_ + min;
-    if (end_ - start_ >= kHeaderSize) {
-        size_t frame = kHeaderSize + get32(buf_.data() + start_ + 20);
-        if (start_ + frame > want) want = start_ + frame;
-    }
-    if (want < kInitialBuffer) want = kInitialBuffer;
-    if (buf_.size() < want) {
-        size_t cap = buf_.empty() ? kInitialBuffer : buf_.size();
-        while (cap < want) cap *= 2;
+    if (buf_.size() < want || buf_.empty()) {
+        size_t cap = buf_.size() * 2;
+        if (cap < want) cap = want;
+        if (cap < kMinBuffer) cap = kMinBuffer;
         buf_.resize(cap);
     }
     *avail = buf_.size() - end_;

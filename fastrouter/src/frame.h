@@ -27,8 +27,10 @@ enum FrameType : uint8_t {
     kCancel = 11,
     kWithdraw = 12,
     kWithdrawn = 13,
+    kChallenge = 14,
+    kAuth = 15,
 };
-constexpr uint8_t kMaxType = kWithdrawn;
+constexpr uint8_t kMaxType = kAuth;
 
 constexpr uint16_t kFlagHighPriority = 0x0001;
 // SUBMIT: deliver to a worker idle right now, or answer BUSY; never queue. Nested blocks use
@@ -86,13 +88,16 @@ struct Frame {
 
 // Accumulates bytes from a stream and hands out whole frames. Callers may read(2) straight
 // into reserve() to avoid a copy. Once an error is reported the parser stays in error.
+// The buffer grows with the bytes that arrive, never with the length a header announces.
 class FrameParser {
 public:
     enum class Status : uint8_t { kNeedMore, kFrame, kError };
 
     explicit FrameParser(uint32_t max_payload = kDefaultMaxFrame) : max_payload_(max_payload) {}
 
-    // A writable region of at least `min` bytes; its real size is stored in *avail.
+    // A writable region of at least `min` bytes; its real size is stored in *avail. Capacity
+    // grows geometrically, only when the buffer is full of unparsed bytes, so it stays below
+    // 2 * (buffered() + min) however long the frame being received says it is.
     uint8_t* reserve(size_t min, size_t* avail);
     void commit(size_t n) { end_ += n; }
     void feed(const void* data, size_t n);

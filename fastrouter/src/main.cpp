@@ -4,13 +4,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <string>
 
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "auth.h"
 #include "log.h"
 #include "net.h"
 
@@ -27,8 +26,21 @@ const char kUsage[] =
     "\n"
     "  --listen ADDRESS          unix:///abs/path/router.sock or tcp://HOST:PORT (PORT 0 picks one;\n"
     "                            tcp://:PORT is 127.0.0.1)\n"
-    "  --auth-token-file PATH    TCP peers must send this file's token in HELLO (required to listen\n"
-    "                            on a non-loopback host); the file must be private (chmod 600)\n"
+    "  --auth-key-file PATH      every peer proves it holds this key (challenge-response, PROTOCOL.md\n"
+    "                            Handshake): 64 hex characters in a regular file owned by the\n"
+    "                            router's user, mode 0600 or stricter\n"
+    "  --no-auth                 no key: the one-byte HELLO is the whole handshake (benchmarks and\n"
+    "                            tests; refused with tcp). One of the two is required\n"
+    "  --allow-uid UID           also accept Unix-socket peers of this uid (repeatable; the\n"
+    "                            router's own euid is always accepted)\n"
+    "  --allow-gid GID           also accept Unix-socket peers of this gid (repeatable)\n"
+    "  --handshake-ms N          time a new connection has to authenticate (default 2000)\n"
+    "  --max-pending N           connections authenticating at once; the oldest is closed to make\n"
+    "                            room (default 128)\n"
+    "  --frame-ms N              time a frame that has started arriving has to complete (default\n"
+    "                            10000); idle connections are never closed\n"
+    "  --max-masters N           authenticated master connections (default 4096)\n"
+    "  --max-workers N           authenticated worker connections (default 4096)\n"
     "  --max-queue N             queued jobs before SUBMIT is answered BUSY (default 10000)\n"
     "  --max-queue-bytes N       queued payload bytes before BUSY (default 268435456)\n"
     "  --max-frame N             largest accepted payload in bytes (default 16777216)\n"
@@ -47,7 +59,7 @@ const char kUsage[] =
     "Prints 'READY ADDRESS' on stdout once listening. SIGTERM/SIGINT drain: stop accepting,\n"
     "answer queued jobs with ERROR SHUTDOWN, let jobs in flight finish for up to --drain-ms (a\n"
     "second signal ends the wait), then exit 0. Exit code 2 means a bad option, an unsafe socket\n"
-    "or status file directory or token file, or a CPU that cannot be used.\n";
+    "or status file directory or key file, or a CPU that cannot be used.\n";
 
 [[noreturn]] void usage_error(const std::string& msg) {
     fprintf(stderr, "fastrouter: %s\n(run fastrouter --help for usage)\n", msg.c_str());
@@ -69,31 +81,13 @@ uint64_t parse_number(const std::string& opt, const std::string& value, uint64_t
     return v;
 }
 
-std::string read_token(const std::string& path) {
-    struct stat st;
-    if (stat(path.c_str(), &st) != 0)
-        usage_error("--auth-token-file: cannot read " + path + ": " + strerror(errno));
-    if (st.st_mode & (S_IRWXG | S_IRWXO))
-        usage_error("--auth-token-file: " + path +
-                    " is readable or writable by group or others; chmod 600 it");
-    std::ifstream f(path, std::ios::binary);
-    std::stringstream ss;
-    ss << f.rdbuf();
-    std::string token = ss.str();
-    while (!token.empty() && (token.back() == '\n' || token.back() == '\r' || token.back() == ' '))
-        token.pop_back();
-    if (token.size() < 16 || token.size() > 1024)
-        usage_error("--auth-token-file: the token in " + path + " must be 16 to 1024 bytes (it is " +
-                    std::to_string(token.size()) + ")");
-    return token;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
     fr::ServerOptions opts;
     bool have_listen = false;
     bool no_status_file = false;
+    bool no_auth = false;
     for (int i = 1; i < argc; i++) {
         std::string arg = argv[i];
         std::string value;
@@ -155,24 +149,65 @@ int main(int argc, char** argv) {
         } else if (arg == "--no-status-file") {
             no_value();
             no_status_file = true;
+        } else if (arg == "--auth-key-file") {
+            opts.auth_key_file = need_value();
+            if (opts.auth_key_file.empty()) usage_error("--auth-key-file: expected a file path");
+        } else if (arg == "--no-auth") {
+            no_value();
+            no_auth = true;
+        } else if (arg == "--allow-uid") {
+            opts.router.allow_uids.push_back(
+                static_cast<uint32_t>(parse_number(arg, need_value(), 0, UINT32_MAX - 1)));
+        } else if (arg == "--allow-gid") {
+            opts.router.allow_gids.push_back(
+                static_cast<uint32_t>(parse_number(arg, need_value(), 0, UINT32_MAX - 1)));
+        } else if (arg == "--handshake-ms") {
+            opts.router.handshake_ms =
+                static_cast<uint32_t>(parse_number(arg, need_value(), 1, 3600000));
+        } else if (arg == "--frame-ms") {
+            opts.router.frame_ms = static_cast<uint32_t>(parse_number(arg, need_value(), 1, 86400000));
+        } else if (arg == "--max-pending") {
+            opts.router.max_pending = parse_number(arg, need_value(), 1, 1000000);
+        } else if (arg == "--max-masters") {
+            opts.router.max_masters = parse_number(arg, need_value(), 1, 10000000);
+        } else if (arg == "--max-workers") {
+            opts.router.max_workers = parse_number(arg, need_value(), 1, 10000000);
         } else if (arg == "--auth-token-file") {
-            opts.auth_token_file = need_value();
-            opts.router.auth_token = read_token(opts.auth_token_file);
+            usage_error("--auth-token-file was replaced by --auth-key-file: peers now prove they "
+                        "hold a 32-byte key (64 hex characters) in a challenge-response; see "
+                        "PROTOCOL.md \"Handshake\"");
         } else {
             usage_error("unknown option '" + std::string(argv[i]) + "'");
         }
     }
     if (!have_listen) usage_error("--listen is required (unix:///abs/path or tcp://host:port)");
+    if (no_auth && !opts.auth_key_file.empty())
+        usage_error("--auth-key-file and --no-auth contradict each other; pass one");
+    if (!no_auth && opts.auth_key_file.empty())
+        usage_error("pass --auth-key-file PATH (peers must prove they hold the key in it) or "
+                    "--no-auth (no authentication: for benchmarks and tests)");
+    if (no_auth && !opts.listen.is_unix)
+        usage_error("--no-auth is refused with a tcp listener: every TCP peer must authenticate; "
+                    "pass --auth-key-file");
+    opts.router.euid = static_cast<uint32_t>(geteuid());
+    if (!opts.auth_key_file.empty()) {
+        std::string err;
+        if (!fr::read_auth_key_file(opts.auth_key_file, geteuid(), opts.router.key, &err))
+            usage_error("--auth-key-file: " + err);
+        opts.router.has_key = true;
+    }
+    uint8_t probe[fr::kNonceSize];
+    if (!fr::random_bytes(probe, sizeof probe)) {
+        fprintf(stderr, "fastrouter: the kernel's random source (getrandom) fails: %s\n",
+                strerror(errno));
+        return 1;
+    }
     if (no_status_file && !opts.status_file.empty())
         usage_error("--status-file and --no-status-file contradict each other; pass one");
     if (no_status_file)
         opts.status_file.clear();
     else if (opts.status_file.empty() && opts.listen.is_unix)
         opts.status_file = opts.listen.path + ".status";
-    if (!opts.listen.is_unix && opts.router.auth_token.empty() &&
-        !fr::is_loopback_host(opts.listen.host))
-        usage_error("--listen " + opts.listen.host +
-                    ": listening beyond loopback needs --auth-token-file (or use 127.0.0.1)");
     if (opts.router.max_output < static_cast<uint64_t>(opts.router.max_frame) + fr::kHeaderSize)
         usage_error("--max-output (" + std::to_string(opts.router.max_output) +
                     ") must be at least --max-frame + 24 (" +

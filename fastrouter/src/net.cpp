@@ -40,7 +40,10 @@ constexpr int64_t kLingerUs = 1000 * 1000;
 constexpr int64_t kShutdownFlushUs = 1000 * 1000;
 constexpr int64_t kParentCheckUs = 1000 * 1000;
 constexpr int kReadsPerEvent = 8;
-constexpr size_t kReadMin = 4096;  // the parser grows past this to fit a whole frame
+// Room asked of the parser per read: the buffer grows with what arrives (FrameParser::reserve).
+constexpr size_t kReadMin = 4096;
+// Before the handshake no frame is longer than 88 bytes, so a read never needs more.
+constexpr size_t kPreAuthRead = 128;
 
 int64_t now_us() {
     struct timespec ts;
@@ -59,8 +62,8 @@ struct Listener {
     std::string shown;        // the address printed on the READY line
 };
 
-// The socket's and the status page's directory must be private: others could otherwise
-// replace the file or read the page. `what` completes "refusing to ... in DIR".
+// The socket's and the status page's directory must be private and ours: others could
+// otherwise replace the file or read the page. `what` completes "refusing to ... in DIR".
 bool private_dir_ok(const std::string& dir, const char* what, const char* alternative) {
     struct stat st;
     if (stat(dir.c_str(), &st) != 0) {
@@ -69,6 +72,13 @@ bool private_dir_ok(const std::string& dir, const char* what, const char* altern
     }
     if (!S_ISDIR(st.st_mode)) {
         log_error("cannot %s in %s: it is not a directory", what, dir.c_str());
+        return false;
+    }
+    if (st.st_uid != geteuid()) {
+        log_error("refusing to %s in %s: the directory is owned by uid %u, not by this router's "
+                  "user (uid %u); use a directory the router's user owns (chown it)%s",
+                  what, dir.c_str(), static_cast<unsigned>(st.st_uid),
+                  static_cast<unsigned>(geteuid()), alternative);
         return false;
     }
     if (st.st_mode & (S_IRGRP | S_IWGRP | S_IROTH | S_IWOTH)) {
@@ -133,7 +143,7 @@ int listen_unix(const ListenAddress& a, Listener* l) {
     return 0;
 }
 
-int listen_tcp(const ListenAddress& a, Listener* l) {
+int listen_tcp(const ListenAddress& a, bool has_key, Listener* l) {
     addrinfo hints;
     std::memset(&hints, 0, sizeof hints);
     hints.ai_family = AF_UNSPEC;
@@ -147,7 +157,17 @@ int listen_tcp(const ListenAddress& a, Listener* l) {
         return 2;
     }
     int err = 0;
+    std::string bound;
     for (addrinfo* ai = res; ai; ai = ai->ai_next) {
+        // Loopback or not is decided on the resolved address, never on the name.
+        std::string shown = address_text(ai->ai_addr);
+        if (!is_loopback_address(ai->ai_addr) && !has_key) {
+            log_error("refusing to listen on %s (tcp host '%s'): it is not a loopback address, so "
+                      "peers must authenticate; pass --auth-key-file",
+                      shown.c_str(), a.host.c_str());
+            freeaddrinfo(res);
+            return 2;
+        }
         int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) {
             err = errno;
@@ -157,6 +177,7 @@ int listen_tcp(const ListenAddress& a, Listener* l) {
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, SOMAXCONN) == 0) {
             l->fd = fd;
+            if (!is_loopback_address(ai->ai_addr)) bound = shown;
             break;
         }
         err = errno;
@@ -175,6 +196,12 @@ int listen_tcp(const ListenAddress& a, Listener* l) {
                         : ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
     bool v6 = a.host.find(':') != std::string::npos;
     l->shown = "tcp://" + (v6 ? "[" + a.host + "]" : a.host) + ":" + std::to_string(real);
+    if (!bound.empty())
+        // Printed even with --quiet: the operator must see that the router is reachable.
+        log_error("WARNING: listening on %s port %u, which is NOT a loopback address: other "
+                  "machines can connect. Every peer must prove it holds the key; frames travel "
+                  "unencrypted (job bodies are sealed end to end by parallel_render)",
+                  bound.c_str(), real);
     return 0;
 }
 
@@ -254,11 +281,23 @@ void Loop::accept_all() {
             }
             return;  // EAGAIN, or an error the next event will report again
         }
-        if (!opts_.listen.is_unix) {
+        uint64_t id;
+        if (opts_.listen.is_unix) {
+            // Who is at the other end, as the kernel saw it at connect(); checked by the router.
+            PeerCred cred;
+            ucred uc;
+            socklen_t len = sizeof uc;
+            if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &uc, &len) == 0 && len == sizeof uc) {
+                cred.known = true;
+                cred.uid = uc.uid;
+                cred.gid = uc.gid;
+            }
+            id = router_.open(fd, now_, &cred);
+        } else {
             int one = 1;
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            id = router_.open(fd, now_);
         }
-        uint64_t id = router_.open(fd, !opts_.listen.is_unix);
         epoll_event ev;
         ev.events = EPOLLIN | EPOLLRDHUP;
         ev.data.u64 = id;
@@ -283,7 +322,7 @@ void Loop::on_readable(uint64_t id) {
             continue;
         }
         size_t avail = 0;
-        uint8_t* p = c->in.reserve(kReadMin, &avail);
+        uint8_t* p = c->in.reserve(c->role == kRoleNone ? kPreAuthRead : kReadMin, &avail);
         ssize_t n = read(c->fd, p, avail);
         if (n > 0) {
             c->in.commit(static_cast<size_t>(n));
@@ -512,7 +551,8 @@ int run_server(const ServerOptions& opts) {
     }
 
     Listener l;
-    int rc = opts.listen.is_unix ? listen_unix(opts.listen, &l) : listen_tcp(opts.listen, &l);
+    int rc = opts.listen.is_unix ? listen_unix(opts.listen, &l)
+                                 : listen_tcp(opts.listen, opts.router.has_key, &l);
     if (rc != 0) {
         if (l.fd >= 0) close(l.fd);
         if (!l.unlink_path.empty()) unlink(l.unlink_path.c_str());
@@ -535,9 +575,11 @@ int run_server(const ServerOptions& opts) {
     }
     printf("READY %s\n", l.shown.c_str());
     fflush(stdout);
-    log_info("listening on %s (max queue %zu jobs / %zu bytes, max frame %u bytes)",
+    log_info("listening on %s (max queue %zu jobs / %zu bytes, max frame %u bytes; %s)",
              l.shown.c_str(), opts.router.max_queue, opts.router.max_queue_bytes,
-             opts.router.max_frame);
+             opts.router.max_frame,
+             opts.router.has_key ? ("peers authenticate with the key in " + opts.auth_key_file).c_str()
+                                 : "no authentication (--no-auth)");
 
     Loop loop(opts, &l, &status);
     rc = loop.run(sigfd);

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "log.h"
+#include "sha256.h"
 
 namespace fr {
 
@@ -21,9 +22,10 @@ const char* role_name(Role r) {
     }
 }
 
+// What an authenticated connection may send; before that, Router::handshake() decides.
 bool allowed(Role role, uint8_t type) {
     switch (role) {
-        case kRoleNone: return type == kHello || type == kStats;  // STATS: see handle()
+        case kRoleNone: return false;
         case kRoleMaster:
             return type == kSubmit || type == kStats || type == kCancel || type == kWithdraw;
         case kRoleWorker: return type == kReady || type == kResult || type == kStats;
@@ -45,7 +47,7 @@ Router::~Router() = default;
 
 // ---- connections -------------------------------------------------------------------------
 
-uint64_t Router::open(int fd, bool needs_auth) {
+uint64_t Router::open(int fd, int64_t now, const PeerCred* cred) {
     uint32_t slot;
     if (!conn_free_.empty()) {
         slot = conn_free_.back();
@@ -60,9 +62,31 @@ uint64_t Router::open(int fd, bool needs_auth) {
     Conn* c = conns_[slot].get();
     c->id = make_id(conn_gen_[slot], slot);
     c->fd = fd;
-    c->needs_auth = needs_auth && !cfg_.auth_token.empty();
-    c->in.set_max_payload(cfg_.max_frame);
+    c->opened_at = now;
+    // No frame before the handshake needs more; a larger length is refused from the header.
+    c->in.set_max_payload(kMaxPreAuthPayload);
     live_conns_++;
+    if (cred && !peer_allowed(*cred, cfg_.euid, cfg_.allow_uids, cfg_.allow_gids)) {
+        stats_.peers_refused++;
+        char reason[200];
+        if (!cred->known)
+            snprintf(reason, sizeof reason, "peer credentials unavailable (SO_PEERCRED failed)");
+        else
+            snprintf(reason, sizeof reason,
+                     "peer uid %u gid %u is not allowed: only the router's own user, or one "
+                     "given with --allow-uid or --allow-gid",
+                     cred->uid, cred->gid);
+        protocol_error(c, reason);
+        return c->id;
+    }
+    if (unauth_.size >= cfg_.max_pending) {
+        if (Conn* oldest = list_front(unauth_)) {
+            stats_.evicted_pending++;
+            protocol_error(oldest, "too many connections waiting to authenticate (--max-pending): "
+                                   "closing the oldest");
+        }
+    }
+    list_push(unauth_, &Conn::unauth_link, c);
     return c->id;
 }
 
@@ -85,6 +109,40 @@ void Router::closed(uint64_t id) {
     conns_[slot_of(id)].reset();
     conn_free_.push_back(slot_of(id));
     live_conns_--;
+}
+
+void Router::list_push(ConnList& l, ListLinks Conn::*m, Conn* c) {
+    ListLinks& k = c->*m;
+    if (k.linked) return;
+    uint32_t s = slot_of(c->id);
+    k.linked = true;
+    k.next = kNoSlot;
+    k.prev = l.tail;
+    if (l.tail != kNoSlot)
+        (conns_[l.tail].get()->*m).next = s;
+    else
+        l.head = s;
+    l.tail = s;
+    l.size++;
+}
+
+void Router::list_remove(ConnList& l, ListLinks Conn::*m, Conn* c) {
+    ListLinks& k = c->*m;
+    if (!k.linked) return;
+    if (k.prev != kNoSlot)
+        (conns_[k.prev].get()->*m).next = k.next;
+    else
+        l.head = k.next;
+    if (k.next != kNoSlot)
+        (conns_[k.next].get()->*m).prev = k.prev;
+    else
+        l.tail = k.prev;
+    k = ListLinks();
+    l.size--;
+}
+
+Conn* Router::list_front(const ConnList& l) const {
+    return l.head == kNoSlot ? nullptr : conns_[l.head].get();
 }
 
 void Router::mark(Conn* c) {
@@ -123,6 +181,9 @@ void Router::drain_kills() {
 }
 
 void Router::detach(Conn* c) {
+    list_remove(unauth_, &Conn::unauth_link, c);
+    list_remove(partial_, &Conn::frame_link, c);
+    c->frame_since = 0;
     if (c->role == kRoleMaster) {
         masters_--;
         queue_.remove_owner(c->id, [this](const QueueEntry& e) {
@@ -269,34 +330,53 @@ void Router::input(uint64_t id, int64_t now) {
     // Expire first so a RESULT that arrives after its deadline is treated as late.
     tick(now);
     Frame f;
+    bool handled_any = false;
     while (c->state == ConnState::kOpen) {
         FrameParser::Status st = c->in.next(&f);
         if (st == FrameParser::Status::kNeedMore) break;
         if (st == FrameParser::Status::kError) {
-            protocol_error(c, decode_error_message(c->in.error()));
+            if (c->role == kRoleNone && c->in.error() == DecodeError::kTooLong)
+                protocol_error(c, "frame length exceeds 64 bytes before the handshake is complete "
+                                  "(HELLO and AUTH are shorter)");
+            else
+                protocol_error(c, decode_error_message(c->in.error()));
             break;
         }
         handle(c, f, now);
+        handled_any = true;
         drain_kills();
     }
-    if (c->state != ConnState::kOpen) c->in = FrameParser(cfg_.max_frame);
+    if (c->state != ConnState::kOpen)
+        c->in = FrameParser(cfg_.max_frame);
+    else
+        track_partial_frame(c, handled_any, now);
     drain_kills();
+}
+
+void Router::track_partial_frame(Conn* c, bool handled_any, int64_t now) {
+    if (c->role == kRoleNone) return;  // the handshake deadline covers it
+    if (c->in.buffered() == 0) {
+        list_remove(partial_, &Conn::frame_link, c);
+        c->frame_since = 0;
+        return;
+    }
+    // The same frame still arriving keeps its start; a frame begun in this read starts now.
+    if (c->frame_link.linked && !handled_any) return;
+    list_remove(partial_, &Conn::frame_link, c);
+    c->frame_since = now;
+    list_push(partial_, &Conn::frame_link, c);
 }
 
 void Router::handle(Conn* c, const Frame& f, int64_t now) {
     const FrameHeader& h = f.header;
-    if (c->role == kRoleNone && c->needs_auth && h.type != kHello) {
-        protocol_error(c, "authenticate with HELLO first (this TCP listener requires a token)");
+    if (c->role == kRoleNone) {
+        handshake(c, f);
         return;
     }
     if (!allowed(c->role, h.type)) {
         char reason[160];
-        if (c->role == kRoleNone)
-            snprintf(reason, sizeof reason, "%s before HELLO (the first frame must be HELLO)",
-                     frame_type_name(h.type));
-        else
-            snprintf(reason, sizeof reason, "%s is not allowed on a %s connection",
-                     frame_type_name(h.type), role_name(c->role));
+        snprintf(reason, sizeof reason, "%s is not allowed on a %s connection",
+                 frame_type_name(h.type), role_name(c->role));
         protocol_error(c, reason);
         return;
     }
@@ -309,7 +389,6 @@ void Router::handle(Conn* c, const Frame& f, int64_t now) {
         return;
     }
     switch (h.type) {
-        case kHello: on_hello(c, f); break;
         case kSubmit: on_submit(c, f, now); break;
         case kCancel: on_cancel(c, f); break;
         case kWithdraw: on_withdraw(c, f); break;
@@ -320,38 +399,127 @@ void Router::handle(Conn* c, const Frame& f, int64_t now) {
     }
 }
 
-namespace {
-// Compares without an early exit, so timing does not reveal how much of a guess was right.
-bool same_token(const uint8_t* a, size_t alen, const std::string& b) {
-    uint8_t diff = alen == b.size() ? 0 : 1;
-    for (size_t i = 0; i < alen; i++)
-        diff |= static_cast<uint8_t>(a[i] ^ static_cast<uint8_t>(b[i % (b.empty() ? 1 : b.size())]));
-    return diff == 0 && !b.empty();
+// ---- handshake (PROTOCOL.md "Handshake") --------------------------------------------------
+
+void Router::handshake(Conn* c, const Frame& f) {
+    const FrameHeader& h = f.header;
+    char reason[160];
+    if (c->hs == Handshake::kAwaitHello && h.type != kHello) {
+        snprintf(reason, sizeof reason, "%s before HELLO (the first frame must be HELLO)",
+                 frame_type_name(h.type));
+        protocol_error(c, reason);
+        return;
+    }
+    if (c->hs == Handshake::kAwaitAuth && h.type != kAuth) {
+        if (h.type == kHello)
+            snprintf(reason, sizeof reason, "second HELLO (answer the CHALLENGE with AUTH)");
+        else
+            snprintf(reason, sizeof reason,
+                     "%s before AUTH (nothing but AUTH is accepted until the handshake is "
+                     "complete)",
+                     frame_type_name(h.type));
+        protocol_error(c, reason);
+        return;
+    }
+    if (h.flags != 0) {
+        snprintf(reason, sizeof reason, "unknown flag bits 0x%04x in %s", h.flags,
+                 frame_type_name(h.type));
+        protocol_error(c, reason);
+        return;
+    }
+    if (h.type == kHello)
+        on_hello(c, f);
+    else
+        on_auth(c, f);
 }
-}  // namespace
 
 void Router::on_hello(Conn* c, const Frame& f) {
-    if (f.header.length < 1 || (f.payload[0] != kRoleMaster && f.payload[0] != kRoleWorker)) {
+    const uint32_t len = f.header.length;
+    if (len < 1 || (f.payload[0] != kRoleMaster && f.payload[0] != kRoleWorker)) {
         protocol_error(c, "HELLO payload must start with one role byte: 1 (master) or 2 (worker)");
         return;
     }
-    bool has_token = f.header.length > 1;
-    if (has_token && !same_token(f.payload + 1, f.header.length - 1, cfg_.auth_token)) {
-        protocol_error(c, cfg_.auth_token.empty()
-                              ? "HELLO carries a token but this router has no --auth-token-file"
-                              : "authentication failed: wrong token in HELLO");
+    const Role role = static_cast<Role>(f.payload[0]);
+    char reason[200];
+    if (!cfg_.has_key) {
+        if (len == 1) {
+            become(c, role);
+        } else if (len == kHelloAuthPayload) {
+            protocol_error(c, "this router has no key (--no-auth): send HELLO with the role byte "
+                              "only, or give the router --auth-key-file");
+        } else {
+            snprintf(reason, sizeof reason,
+                     "HELLO payload must be one role byte on a router without a key, not %u "
+                     "bytes",
+                     len);
+            protocol_error(c, reason);
+        }
         return;
     }
-    if (c->needs_auth && !has_token) {
-        protocol_error(c, "authentication required: this TCP listener expects the token after "
-                          "HELLO's role byte");
+    if (len == 1) {
+        protocol_error(c, "authentication required: this router has a key; send HELLO with the "
+                          "role byte and a 32-byte nonce, then answer the CHALLENGE with AUTH");
         return;
     }
-    c->role = static_cast<Role>(f.payload[0]);
-    if (c->role == kRoleMaster)
-        masters_++;
-    else
-        workers_++;
+    if (len != kHelloAuthPayload) {
+        snprintf(reason, sizeof reason,
+                 "HELLO payload must be the role byte and a 32-byte nonce (33 bytes), not %u "
+                 "bytes",
+                 len);
+        protocol_error(c, reason);
+        return;
+    }
+    uint8_t challenge[kChallengePayload];
+    uint8_t* nr = challenge;
+    bool ok = cfg_.nonce_source ? cfg_.nonce_source(nr, kNonceSize) : random_bytes(nr, kNonceSize);
+    if (!ok) {
+        log_error("cannot read random bytes for a CHALLENGE (getrandom failed)");
+        protocol_error(c, "the router could not make a nonce; try again");
+        return;
+    }
+    const uint8_t* np = f.payload + 1;
+    auth_router_proof(cfg_.key, role, np, nr, challenge + kNonceSize);
+    auth_peer_proof(cfg_.key, role, np, nr, c->expect_proof);
+    c->claimed = role;
+    c->hs = Handshake::kAwaitAuth;
+    send(c, kChallenge, 0, 0, 0, challenge, sizeof challenge);
+}
+
+void Router::on_auth(Conn* c, const Frame& f) {
+    const uint32_t len = f.header.length;
+    if (len != kProofSize) {
+        stats_.auth_failures++;
+        char reason[120];
+        snprintf(reason, sizeof reason,
+                 "authentication failed: AUTH must carry a 32-byte proof, not %u bytes", len);
+        protocol_error(c, reason);
+        return;
+    }
+    if (!constant_time_equal(f.payload, c->expect_proof, kProofSize)) {
+        stats_.auth_failures++;
+        protocol_error(c, "authentication failed: wrong proof in AUTH (this peer does not hold "
+                          "the router's key)");
+        return;
+    }
+    become(c, c->claimed);
+}
+
+void Router::become(Conn* c, Role role) {
+    size_t& count = role == kRoleMaster ? masters_ : workers_;
+    size_t limit = role == kRoleMaster ? cfg_.max_masters : cfg_.max_workers;
+    if (count >= limit) {
+        char reason[120];
+        snprintf(reason, sizeof reason, "too many %ss (--max-%ss %zu)", role_name(role),
+                 role_name(role), limit);
+        protocol_error(c, reason);
+        return;
+    }
+    list_remove(unauth_, &Conn::unauth_link, c);
+    secure_zero(c->expect_proof, sizeof c->expect_proof);
+    c->hs = Handshake::kDone;
+    c->role = role;
+    count++;
+    c->in.set_max_payload(cfg_.max_frame);
 }
 
 void Router::on_stats(Conn* c, const Frame& f) {
@@ -535,7 +703,40 @@ void Router::tick(int64_t now) {
         if (Job* j = job_get(e.job)) answer(j, kTimeout, 0, nullptr);
     });
     expire_in_flight(now);
+    expire_connections(now);
     drain_kills();
+}
+
+void Router::expire_connections(int64_t now) {
+    // Both lists are in deadline order: connections join them at `now`, which only grows.
+    const int64_t handshake_us = static_cast<int64_t>(cfg_.handshake_ms) * 1000;
+    while (Conn* c = list_front(unauth_)) {
+        if (c->state != ConnState::kOpen) {  // killed earlier in this tick; detached soon
+            list_remove(unauth_, &Conn::unauth_link, c);
+            continue;
+        }
+        if (c->opened_at + handshake_us > now) break;
+        stats_.handshake_timeouts++;
+        char reason[120];
+        snprintf(reason, sizeof reason,
+                 "handshake timeout: not authenticated within %u ms of connecting",
+                 cfg_.handshake_ms);
+        protocol_error(c, reason);  // detaches, so the loop moves on
+    }
+    const int64_t frame_us = static_cast<int64_t>(cfg_.frame_ms) * 1000;
+    while (Conn* c = list_front(partial_)) {
+        if (c->state != ConnState::kOpen) {
+            list_remove(partial_, &Conn::frame_link, c);
+            continue;
+        }
+        if (c->frame_since + frame_us > now) break;
+        stats_.frame_timeouts++;
+        char reason[160];
+        snprintf(reason, sizeof reason,
+                 "frame not completed in time: %zu bytes of it arrived, the rest not within %u ms",
+                 c->in.buffered(), cfg_.frame_ms);
+        protocol_error(c, reason);
+    }
 }
 
 void Router::expire_in_flight(int64_t now) {
@@ -562,9 +763,18 @@ void Router::expire_in_flight(int64_t now) {
 }
 
 int64_t Router::next_deadline() {
-    int64_t q = queue_.next_deadline();
+    int64_t d = queue_.next_deadline();
     int64_t f = in_flight_deadlines_.top_deadline();
-    return q < f ? q : f;
+    if (f < d) d = f;
+    if (const Conn* c = list_front(unauth_)) {
+        int64_t h = c->opened_at + static_cast<int64_t>(cfg_.handshake_ms) * 1000;
+        if (h < d) d = h;
+    }
+    if (const Conn* c = list_front(partial_)) {
+        int64_t p = c->frame_since + static_cast<int64_t>(cfg_.frame_ms) * 1000;
+        if (p < d) d = p;
+    }
+    return d;
 }
 
 void Router::drain() {
@@ -646,7 +856,7 @@ RouterLoad Router::load() const {
 
 std::string Router::stats_json() {
     // Room for every number at its widest (20 digits); the clamp below is belt and braces.
-    char buf[2048];
+    char buf[3072];
     int n = snprintf(
         buf, sizeof buf,
         "{\"queued\":%zu,\"queued_bytes\":%zu,\"in_flight\":%zu,\"workers_idle\":%zu,"
@@ -656,17 +866,23 @@ std::string Router::stats_json() {
         ",\"timeouts\":%" PRIu64 ",\"busy\":%" PRIu64 ",\"cancelled\":%" PRIu64
         ",\"dropped\":%" PRIu64 ",\"protocol_errors\":%" PRIu64
         ",\"withdrawn\":%" PRIu64 ",\"withdraw_missed\":%" PRIu64
+        ",\"auth_failures\":%" PRIu64 ",\"peers_refused\":%" PRIu64
+        ",\"handshake_timeouts\":%" PRIu64 ",\"frame_timeouts\":%" PRIu64
+        ",\"pending\":%zu,\"evicted_pending\":%" PRIu64
         ",\"queue_wait_p50_us\":%" PRIu64 ",\"queue_wait_p99_us\":%" PRIu64
         ",\"service_p50_us\":%" PRIu64 ",\"service_p99_us\":%" PRIu64
         ",\"queue_wait_ewma_us\":%" PRIu64 ",\"service_ewma_us\":%" PRIu64
-        ",\"max_queue\":%zu,\"max_queue_bytes\":%zu,\"max_frame\":%u,\"stopping\":%s}",
+        ",\"max_queue\":%zu,\"max_queue_bytes\":%zu,\"max_frame\":%u,\"auth\":%s,"
+        "\"stopping\":%s}",
         queue_.count(), queue_.bytes(), in_flight_, workers_idle_, workers_ - workers_idle_,
         masters_, workers_, live_conns_, jobs_live_, stats_.submitted, stats_.completed, stats_.errors,
         stats_.timeouts, stats_.busy, stats_.cancelled, stats_.dropped, stats_.protocol_errors,
-        stats_.withdrawn, stats_.withdraw_missed,
+        stats_.withdrawn, stats_.withdraw_missed, stats_.auth_failures, stats_.peers_refused,
+        stats_.handshake_timeouts, stats_.frame_timeouts, unauth_.size, stats_.evicted_pending,
         queue_wait_us_.percentile(0.5), queue_wait_us_.percentile(0.99), service_us_.percentile(0.5),
         service_us_.percentile(0.99), queue_wait_ewma_.value_us(), service_ewma_.value_us(),
-        queue_.max_count(), queue_.max_bytes(), cfg_.max_frame, stopping_ ? "true" : "false");
+        queue_.max_count(), queue_.max_bytes(), cfg_.max_frame, cfg_.has_key ? "true" : "false",
+        stopping_ ? "true" : "false");
     if (n < 0) n = 0;
     return std::string(buf, static_cast<size_t>(n) < sizeof buf ? static_cast<size_t>(n) : sizeof buf - 1);
 }

@@ -5,10 +5,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "auth.h"
 #include "ewma.h"
 #include "frame.h"
 #include "histogram.h"
@@ -24,9 +26,27 @@ struct RouterConfig {
     uint32_t max_frame = kDefaultMaxFrame;
     size_t max_output = 64u << 20;
     uint32_t default_timeout_ms = 30000;
-    // When set, a HELLO on a connection opened with needs_auth must carry this token after
-    // its role byte (PROTOCOL.md "Handshake").
-    std::string auth_token;
+
+    // PROTOCOL.md "Handshake". With a key every peer answers a CHALLENGE before it is a master
+    // or a worker; without one (--no-auth) the one-byte HELLO is the whole handshake.
+    bool has_key = false;
+    uint8_t key[kAuthKeySize] = {};
+    // Peer credentials (Unix sockets): who may connect besides the router's own euid.
+    uint32_t euid = 0;
+    std::vector<uint32_t> allow_uids;
+    std::vector<uint32_t> allow_gids;
+    // Bounds before authentication: time to complete the handshake, and how many connections
+    // may be in it at once (the oldest is closed to make room).
+    uint32_t handshake_ms = 2000;
+    size_t max_pending = 128;
+    // Bounds after it: time for a frame that has started arriving to complete, and connections
+    // per role.
+    uint32_t frame_ms = 10000;
+    size_t max_masters = 4096;
+    size_t max_workers = 4096;
+    // Fills the router's nonce; empty = random_bytes() (getrandom(2)). Unit tests and the
+    // fuzzer make it deterministic.
+    std::function<bool(uint8_t*, size_t)> nonce_source;
 };
 
 struct RouterStats {
@@ -40,6 +60,11 @@ struct RouterStats {
     uint64_t protocol_errors = 0;
     uint64_t withdrawn = 0;        // WITHDRAWN with TAKEN
     uint64_t withdraw_missed = 0;  // WITHDRAWN without it
+    uint64_t auth_failures = 0;       // AUTH with a wrong (or malformed) proof
+    uint64_t peers_refused = 0;       // Unix peers whose credentials are not allowed
+    uint64_t handshake_timeouts = 0;  // not authenticated within handshake_ms
+    uint64_t evicted_pending = 0;     // closed to make room under max_pending
+    uint64_t frame_timeouts = 0;      // a started frame not completed within frame_ms
 };
 
 // What a master needs to decide whether a job would only queue (PROTOCOL.md "Status page").
@@ -60,6 +85,21 @@ struct RouterLoad {
     bool operator!=(const RouterLoad& o) const { return !(*this == o); }
 };
 
+constexpr uint32_t kNoSlot = 0xffffffffu;
+
+// Links of a connection in one of the router's intrusive FIFO lists (by slot).
+struct ListLinks {
+    uint32_t prev = kNoSlot;
+    uint32_t next = kNoSlot;
+    bool linked = false;
+};
+
+enum class Handshake : uint8_t {
+    kAwaitHello,
+    kAwaitAuth,  // CHALLENGE sent
+    kDone,       // role is master or worker
+};
+
 enum class ConnState : uint8_t {
     kOpen,
     kClosing,  // sent PROTOCOL_ERROR; flush it, then close. Already detached from routing.
@@ -69,9 +109,8 @@ enum class ConnState : uint8_t {
 struct Conn {
     uint64_t id = 0;
     int fd = -1;
-    Role role = kRoleNone;
+    Role role = kRoleNone;  // master or worker once the handshake is complete, never before
     ConnState state = ConnState::kOpen;
-    bool needs_auth = false;  // a TCP peer while --auth-token-file is set
     FrameParser in;
     OutBuf out;
 
@@ -89,6 +128,16 @@ struct Conn {
     bool pending = false;  // queued in Router::pending_
     bool warned = false;   // this peer's misbehaviour was logged already
 
+    // Handshake: the role HELLO claimed and the proof AUTH must carry.
+    Handshake hs = Handshake::kAwaitHello;
+    Role claimed = kRoleNone;
+    uint8_t expect_proof[kProofSize] = {};
+    int64_t opened_at = 0;
+    ListLinks unauth_link;  // in Router::unauth_ until authenticated
+    // After it: when the frame now arriving started (0 = no partial frame buffered).
+    int64_t frame_since = 0;
+    ListLinks frame_link;  // in Router::partial_ while frame_since != 0
+
     // Owned by the event loop.
     bool want_write = false;
     bool shut_wr = false;
@@ -102,13 +151,16 @@ public:
     Router(const Router&) = delete;
     Router& operator=(const Router&) = delete;
 
-    uint64_t open(int fd, bool needs_auth = false);
+    // A new connection, accepted at `now_us`. With `cred` (a Unix socket) the peer is refused
+    // at once unless peer_allowed(); without it (TCP) there is nothing to check.
+    uint64_t open(int fd, int64_t now_us, const PeerCred* cred = nullptr);
     Conn* get(uint64_t id);
     // Handles every whole frame buffered in the connection's parser.
     void input(uint64_t id, int64_t now_us);
     // The peer is gone (or the loop gave up on it): apply the disconnect rules, free the slot.
     void closed(uint64_t id);
-    // Answers jobs whose deadline has passed.
+    // Answers jobs whose deadline has passed; closes connections past the handshake or frame
+    // deadline.
     void tick(int64_t now_us);
     int64_t next_deadline();
     // Graceful stop, first half: queued jobs are answered ERROR SHUTDOWN, new SUBMITs too, and
@@ -133,6 +185,7 @@ public:
     size_t queued() const { return queue_.count(); }
     size_t in_flight() const { return in_flight_; }
     size_t connections() const { return live_conns_; }
+    size_t unauthenticated() const { return unauth_.size; }
 
 private:
     static constexpr uint32_t kNil = 0xffffffffu;
@@ -157,8 +210,22 @@ private:
     Job* job_get(uint64_t id);
     void job_free(uint64_t id);
 
+    struct ConnList {
+        uint32_t head = kNoSlot;
+        uint32_t tail = kNoSlot;
+        size_t size = 0;
+    };
+    void list_push(ConnList& l, ListLinks Conn::*m, Conn* c);
+    void list_remove(ConnList& l, ListLinks Conn::*m, Conn* c);
+    Conn* list_front(const ConnList& l) const;
+
     void handle(Conn* c, const Frame& f, int64_t now);
+    void handshake(Conn* c, const Frame& f);
     void on_hello(Conn* c, const Frame& f);
+    void on_auth(Conn* c, const Frame& f);
+    void become(Conn* c, Role role);
+    void track_partial_frame(Conn* c, bool handled_any, int64_t now);
+    void expire_connections(int64_t now);
     void on_submit(Conn* c, const Frame& f, int64_t now);
     void on_cancel(Conn* c, const Frame& f);
     void on_withdraw(Conn* c, const Frame& f);
@@ -211,6 +278,10 @@ private:
     size_t live_conns_ = 0;
     size_t jobs_live_ = 0;  // job slots in use; 0 whenever no master or worker holds one
     bool stopping_ = false;
+    // Connections not yet authenticated, oldest first: the handshake deadline and eviction.
+    ConnList unauth_;
+    // Authenticated connections with a partial frame buffered, by when it started arriving.
+    ConnList partial_;
 
     std::vector<uint64_t> pending_;
     std::vector<uint64_t> kills_;

@@ -1,4 +1,5 @@
 // Unit tests of the frame codec and incremental parser, including PROTOCOL.md's examples.
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -178,6 +179,53 @@ TEST(parser_large_frame_through_reserve) {
     CHECK_EQ(p.capacity(), 0u);
 }
 
+TEST(buffer_grows_with_bytes_received_not_with_the_announced_length) {
+    // A header announcing 16 MiB followed by one byte: the buffer holds what came, plus a read.
+    Bytes head = encode(kSubmit, 0, 1, 0, "");
+    const uint32_t announced = 16u << 20;
+    for (int i = 0; i < 4; i++) head[20 + i] = static_cast<uint8_t>(announced >> (8 * i));
+    head.push_back('x');
+    const size_t kRead = 4096;
+    FrameParser p(announced);
+    size_t avail = 0;
+    uint8_t* dst = p.reserve(kRead, &avail);
+    std::memcpy(dst, head.data(), head.size());
+    p.commit(head.size());
+    Frame f;
+    CHECK(p.next(&f) == FrameParser::Status::kNeedMore);
+    dst = p.reserve(kRead, &avail);
+    CHECK(avail >= kRead);
+    CHECK(p.capacity() <= 2 * (p.buffered() + kRead));
+    // Streaming the frame in reads of every size keeps the bound, then yields the frame.
+    std::string body(announced, 'b');
+    body[0] = 'x';
+    size_t sent = 1;
+    size_t step = 1;
+    while (sent < body.size()) {
+        dst = p.reserve(kRead, &avail);
+        size_t n = std::min({avail, body.size() - sent, step});
+        std::memcpy(dst, body.data() + sent, n);
+        p.commit(n);
+        sent += n;
+        step = step * 3 + 1;
+        CHECK(p.capacity() <= 2 * (p.buffered() + kRead));
+        if (p.capacity() > 2 * (p.buffered() + kRead)) break;
+    }
+    CHECK(p.next(&f) == FrameParser::Status::kFrame);
+    CHECK_EQ(f.header.length, announced);
+    CHECK(std::memcmp(f.payload, body.data(), body.size()) == 0);
+    // Small reads of small frames never grow a small buffer.
+    FrameParser q;
+    for (int i = 0; i < 1000; i++) {
+        Bytes b = encode(kReady, 0, 0, 0, "");
+        dst = q.reserve(128, &avail);
+        std::memcpy(dst, b.data(), b.size());
+        q.commit(b.size());
+        CHECK(q.next(&f) == FrameParser::Status::kFrame);
+    }
+    CHECK(q.capacity() <= 256);
+}
+
 TEST(bad_magic) {
     Bytes b = kReadyEx;
     b[0] = 'G';
@@ -201,7 +249,7 @@ TEST(bad_version_type_reserved) {
     b = kReadyEx;
     b[3] = 0;
     CHECK(parse_error(b) == DecodeError::kBadType);
-    b[3] = 14;  // one past WITHDRAWN
+    b[3] = 16;  // one past AUTH
     CHECK(parse_error(b) == DecodeError::kBadType);
     b[3] = 0xff;
     CHECK(parse_error(b) == DecodeError::kBadType);
@@ -211,7 +259,7 @@ TEST(bad_version_type_reserved) {
     b = kReadyEx;
     b[7] = 0x80;
     CHECK(parse_error(b) == DecodeError::kBadReserved);
-    for (uint8_t t = kHello; t <= kWithdrawn; t++) {
+    for (uint8_t t = kHello; t <= kAuth; t++) {
         b = kReadyEx;
         b[3] = t;
         CHECK(parse_error(b) == DecodeError::kNone);

@@ -3,6 +3,10 @@
 
 The binary is not built here: set PARALLEL_RENDER_FASTROUTER, or build it with
 `cmake -S fastrouter -B fastrouter/build && cmake --build fastrouter/build`.
+
+Every router runs with a fresh key (`--auth-key-file`, a 0600 file in its private directory)
+unless a test passes `--no-auth` or its own `--auth-key-file`; the key is registered under the
+router's address, so the wire helpers authenticate without being told.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fastrouter_wire import fastrouter_binary
+from fastrouter_wire import fastrouter_binary, register_key, write_key_file
 
 
 class RouterProcess:
@@ -27,6 +31,12 @@ class RouterProcess:
         self.address = address
         self.sock_path = sock_path
         self.stderr_path = stderr_path
+        self.key: bytes | None = None  # None: --no-auth (or a key the test did not give us)
+        self.key_path: str | None = None
+
+    def env(self) -> dict:
+        """Environment for a peer process (torture_peers.py, withdraw_peers.py): the key."""
+        return {**os.environ, "FASTROUTER_TEST_KEY": self.key.hex() if self.key else ""}
 
     def stderr(self) -> str:
         with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
@@ -67,19 +77,30 @@ def start_router(private_dir):
     """Starts a router on a Unix socket in a fresh 0700 directory; kills it afterwards."""
     started: list[RouterProcess] = []
 
-    def start(*args: str, listen: str | None = None) -> RouterProcess:
-        sock_path = os.path.join(private_dir, f"router{len(started)}.sock")
+    def start(*args: str, listen: str | None = None, key: bytes | None = None) -> RouterProcess:
+        """`key`: the key in the test's own --auth-key-file, to register for the wire helpers."""
+        n = len(started)
+        sock_path = os.path.join(private_dir, f"router{n}.sock")
         listen = listen or f"unix://{sock_path}"
-        stderr_path = os.path.join(private_dir, f"stderr{len(started)}.log")
+        stderr_path = os.path.join(private_dir, f"stderr{n}.log")
+        auth: list[str] = []
+        key_path = None
+        if "--no-auth" not in args and not any(a.startswith("--auth-key-file") for a in args):
+            key = os.urandom(32)
+            key_path = write_key_file(os.path.join(private_dir, f"router{n}.key"), key)
+            auth = ["--auth-key-file", key_path]
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
-                [fastrouter_binary(), "--listen", listen, *args],
+                [fastrouter_binary(), "--listen", listen, *auth, *args],
                 stdout=subprocess.PIPE,
                 stderr=err,
             )
         router = RouterProcess(proc, "", sock_path if listen.startswith("unix://") else None, stderr_path)
+        router.key = None if "--no-auth" in args else key
+        router.key_path = key_path
         started.append(router)
         router.address = wait_ready(proc)
+        register_key(router.address, router.key)
         return router
 
     yield start

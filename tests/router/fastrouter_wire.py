@@ -1,7 +1,15 @@
-"""Minimal PROTOCOL.md client for the fastrouter integration tests (plain sockets + struct)."""
+"""Minimal PROTOCOL.md client for the fastrouter integration tests (plain sockets + struct).
+
+Written from PROTOCOL.md, not from the plugin: HELLO ‖ Np, CHALLENGE (checked), AUTH. A router
+started by the fixtures registers its key here under its address (`register_key`), so
+`Peer(router.address, MASTER)` does the whole handshake; `key=None` sends the one-byte HELLO of a
+`--no-auth` router, and a Peer without a role sends nothing (for tests of raw bytes).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import select
 import socket
@@ -31,9 +39,23 @@ def fastrouter_binary() -> str:
 HEADER = struct.Struct("<2sBBHHQII")
 HEADER_SIZE = HEADER.size  # 24
 
-HELLO, SUBMIT, READY, JOB, RESULT, ERROR, TIMEOUT, BUSY, STATS, PROTOCOL_ERROR, CANCEL, WITHDRAW, WITHDRAWN = range(
-    1, 14
-)
+(
+    HELLO,
+    SUBMIT,
+    READY,
+    JOB,
+    RESULT,
+    ERROR,
+    TIMEOUT,
+    BUSY,
+    STATS,
+    PROTOCOL_ERROR,
+    CANCEL,
+    WITHDRAW,
+    WITHDRAWN,
+    CHALLENGE,
+    AUTH,
+) = range(1, 16)
 MASTER, WORKER = 1, 2
 HIGH = 0x0001
 TAKEN = 0x0001  # WITHDRAWN
@@ -53,7 +75,48 @@ NAMES = {
     11: "CANCEL",
     12: "WITHDRAW",
     13: "WITHDRAWN",
+    14: "CHALLENGE",
+    15: "AUTH",
 }
+
+# -- the handshake (PROTOCOL.md "Handshake") ------------------------------------------------------
+
+NONCE_SIZE = PROOF_SIZE = KEY_SIZE = 32
+ROUTER_LABEL = b"PR-AUTH1 router\0"
+PEER_LABEL = b"PR-AUTH1 peer\0"
+
+_KEYS: dict[str, bytes | None] = {}
+_REGISTERED = object()  # Peer's default: the key registered for the address, if any
+
+
+def register_key(address: str, key: bytes | None) -> None:
+    """The key peers of the router at `address` prove they hold (None: a --no-auth router)."""
+    _KEYS[address] = key
+
+
+def key_for(address: str) -> bytes | None:
+    return _KEYS.get(address)
+
+
+def write_key_file(path: str, key: bytes) -> str:
+    """The key as the router's key file holds it: 64 hex characters, a newline, mode 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def router_proof(key: bytes, role: int, np: bytes, nr: bytes) -> bytes:
+    return hmac.new(key, ROUTER_LABEL + bytes([role]) + np + nr, hashlib.sha256).digest()
+
+
+def peer_proof(key: bytes, role: int, np: bytes, nr: bytes) -> bytes:
+    return hmac.new(key, PEER_LABEL + bytes([role]) + np + nr, hashlib.sha256).digest()
+
+
+class RouterProofError(AssertionError):
+    """The CHALLENGE's proof is wrong: whoever answered does not hold the key."""
 
 
 def encode(ftype: int, job_id: int = 0, payload: bytes = b"", flags: int = 0, timeout_ms: int = 0) -> bytes:
@@ -76,9 +139,9 @@ class Frame:
 
 
 class Peer:
-    """One connection to the router, optionally announced as master or worker."""
+    """One connection to the router; with a role, it completes the handshake as that role."""
 
-    def __init__(self, address: str, role: int | None = None):
+    def __init__(self, address: str, role: int | None = None, key=_REGISTERED):
         if address.startswith("unix://"):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.connect(address[len("unix://") :])
@@ -87,8 +150,23 @@ class Peer:
             self.sock = socket.create_connection((host.strip("[]"), int(port)))
         self.buf = b""
         self.eof = False
+        self.challenge: Frame | None = None
         if role is not None:
+            self.handshake(role, key_for(address) if key is _REGISTERED else key)
+
+    def handshake(self, role: int, key: bytes | None, np: bytes | None = None) -> None:
+        """HELLO; with a key, check the CHALLENGE's proof (closing if it is wrong) and AUTH."""
+        if key is None:
             self.send(HELLO, payload=bytes([role]))
+            return
+        np = os.urandom(NONCE_SIZE) if np is None else np
+        self.send(HELLO, payload=bytes([role]) + np)
+        self.challenge = self.expect(CHALLENGE)
+        nr, proof = self.challenge.payload[:NONCE_SIZE], self.challenge.payload[NONCE_SIZE:]
+        if len(nr) != NONCE_SIZE or not hmac.compare_digest(proof, router_proof(key, role, np, nr)):
+            self.close()
+            raise RouterProofError(f"the router's proof in {self.challenge} is wrong")
+        self.send(AUTH, payload=peer_proof(key, role, np, nr))
 
     def send(self, ftype: int, job_id: int = 0, payload: bytes = b"", flags: int = 0, timeout_ms: int = 0) -> None:
         self.sock.sendall(encode(ftype, job_id, payload, flags, timeout_ms))
@@ -159,12 +237,19 @@ class Peer:
 
 
 def stats(address: str) -> dict:
+    """STATS as a monitoring tool sees them: it must authenticate, as a master, first.
+
+    The answer counts the asking connection among `masters` and `connections`; `masters` is
+    given back without it, so tests read the masters they made. (`connections` keeps it.)
+    """
     import json
 
-    p = Peer(address)
+    p = Peer(address, MASTER)
     try:
         p.send(STATS, job_id=99)
         frame = p.expect(STATS, 99)
-        return json.loads(frame.payload)
+        s = json.loads(frame.payload)
+        s["masters"] -= 1
+        return s
     finally:
         p.close()

@@ -16,6 +16,7 @@ from fastrouter_wire import (
     BUSY,
     CANCEL,
     ERROR,
+    HELLO,
     HIGH,
     JOB,
     MASTER,
@@ -331,24 +332,27 @@ def test_stats_keys_and_values(router):
 
 
 @pytest.mark.parametrize(
-    "bad, reason",
+    "role, bad, reason",
     [
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"magic"),
-        (struct.pack("<2sBBHHQII", b"XX", 1, 1, 0, 0, 0, 0, 1) + b"\x01", b"magic"),
-        (struct.pack("<2sBBHHQII", b"PR", 9, 1, 0, 0, 0, 0, 1) + b"\x01", b"version"),
-        (struct.pack("<2sBBHHQII", b"PR", 1, 99, 0, 0, 0, 0, 0), b"type"),
-        (struct.pack("<2sBBHHQII", b"PR", 1, 1, 0, 7, 0, 0, 1) + b"\x01", b"reserved"),
-        (struct.pack("<2sBBHHQII", b"PR", 1, 2, 0, 0, 1, 0, 0xFFFFFFFF), b"maximum frame size"),
-        (encode(SUBMIT, 1, b"x"), b"before HELLO"),
-        (encode(1, payload=b"\x01") + encode(READY), b"not allowed"),
-        (encode(1, payload=b"\x07"), b"HELLO payload"),
+        (None, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"magic"),
+        (None, struct.pack("<2sBBHHQII", b"XX", 1, 1, 0, 0, 0, 0, 1) + b"\x01", b"magic"),
+        (None, struct.pack("<2sBBHHQII", b"PR", 9, 1, 0, 0, 0, 0, 1) + b"\x01", b"version"),
+        (None, struct.pack("<2sBBHHQII", b"PR", 1, 99, 0, 0, 0, 0, 0), b"type"),
+        (None, struct.pack("<2sBBHHQII", b"PR", 1, 1, 0, 7, 0, 0, 1) + b"\x01", b"reserved"),
+        (None, struct.pack("<2sBBHHQII", b"PR", 1, 2, 0, 0, 1, 0, 0xFFFFFFFF), b"64 bytes before the handshake"),
+        (MASTER, struct.pack("<2sBBHHQII", b"PR", 1, 2, 0, 0, 1, 0, 0xFFFFFFFF), b"maximum frame size"),
+        (MASTER, struct.pack("<2sBBHHQII", b"PR", 9, 2, 0, 0, 1, 0, 0), b"version"),
+        (None, encode(SUBMIT, 1, b"x"), b"before HELLO"),
+        (MASTER, encode(READY), b"READY is not allowed on a master"),
+        (WORKER, encode(HELLO, payload=b"\x02"), b"HELLO is not allowed on a worker"),
+        (None, encode(HELLO, payload=b"\x07"), b"HELLO payload"),
     ],
 )
-def test_protocol_errors_close_only_the_offender(router, bad, reason):
+def test_protocol_errors_close_only_the_offender(router, role, bad, reason):
     healthy = Peer(router.address, MASTER)
     worker = ready_worker(router.address)
     wait_idle(router.address, 1)
-    offender = Peer(router.address)
+    offender = Peer(router.address, role)
     offender.send_raw(bad)
     err = offender.expect(PROTOCOL_ERROR)
     assert err.job_id == 0
@@ -377,7 +381,8 @@ def test_thousand_idle_connections(router):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 1200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
-    idle = [Peer(router.address) for _ in range(1000)]
+    # Authenticated and silent, as masters between requests are: never closed for it.
+    idle = [Peer(router.address, MASTER) for _ in range(1000)]
     try:
         master = Peer(router.address, MASTER)
         worker = ready_worker(router.address)
@@ -390,7 +395,7 @@ def test_thousand_idle_connections(router):
             worker.send(READY)
             master.expect(RESULT, n)
         assert time.monotonic() - t0 < 5
-        assert stats(router.address)["masters"] == 1
+        assert stats(router.address)["masters"] == 1001
     finally:
         for p in idle:
             p.close()
@@ -435,7 +440,7 @@ def test_refuses_directory_open_to_others(private_dir, mode):
     os.mkdir(d)
     os.chmod(d, mode)
     proc = subprocess.run(
-        [fastrouter_binary(), "--listen", f"unix://{d}/router.sock"],
+        [fastrouter_binary(), "--listen", f"unix://{d}/router.sock", "--no-auth"],
         capture_output=True,
         timeout=10,
     )
@@ -456,7 +461,9 @@ def test_stale_socket_is_replaced(start_router, private_dir):
 
 
 def test_second_router_on_live_socket_refused(router):
-    proc = subprocess.run([fastrouter_binary(), "--listen", router.address], capture_output=True, timeout=10)
+    proc = subprocess.run(
+        [fastrouter_binary(), "--listen", router.address, "--no-auth"], capture_output=True, timeout=10
+    )
     assert proc.returncode == 2
     assert b"already listening" in proc.stderr
 
@@ -538,7 +545,7 @@ def test_shutdown_error_code(router):
 def test_exits_when_parent_dies(private_dir):
     sock = os.path.join(private_dir, "child.sock")
     # A shell parent starts the router with --parent-pid $$ and then dies.
-    script = f'"{fastrouter_binary()}" --listen unix://{sock} --parent-pid $$ --quiet & echo $!; sleep 0.5'
+    script = f'"{fastrouter_binary()}" --listen unix://{sock} --no-auth --parent-pid $$ --quiet & echo $!; sleep 0.5'
     parent = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE)
     child_pid = int(parent.stdout.readline())
     parent.wait(5)

@@ -1,8 +1,9 @@
 """SUBMIT with the no-queue flag: delivered to an idle worker now, or BUSY at once."""
 
-import socket
 import struct
 import time
+
+from fastrouter_wire import Peer
 
 HEADER = struct.Struct("<2sBBHHQII")
 
@@ -24,22 +25,21 @@ def read_frame(sock):
     return type_, flags, job_id, payload
 
 
-def connect(path, role):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
+def connect(address, role):
+    """An authenticated connection (PROTOCOL.md "Handshake"), then raw frames on its socket."""
+    s = Peer(address, role).sock
     s.settimeout(2)
-    s.sendall(frame(1, payload=bytes([role])))
     return s
 
 
 def test_no_queue_goes_to_an_idle_worker_or_is_busy_at_once(router):
-    master = connect(router.sock_path, 1)
+    master = connect(router.address, 1)
     # No worker yet: BUSY at once, never queued.
     started = time.monotonic()
     master.sendall(frame(2, 1, b"x", flags=0x0002, timeout_ms=5000))
     assert read_frame(master)[::2] == (8, 1)
     assert time.monotonic() - started < 0.5
-    worker = connect(router.sock_path, 2)
+    worker = connect(router.address, 2)
     worker.sendall(frame(3))
     time.sleep(0.05)
     master.sendall(frame(2, 2, b"y", flags=0x0003, timeout_ms=5000))

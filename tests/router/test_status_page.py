@@ -178,7 +178,7 @@ def test_status_file_in_a_directory_open_to_others_is_refused(private_dir, mode)
     os.chmod(open_dir, mode)
     sock = os.path.join(private_dir, "router.sock")
     proc = subprocess.run(
-        [fastrouter_binary(), "--listen", f"unix://{sock}", "--status-file", f"{open_dir}/page"],
+        [fastrouter_binary(), "--listen", f"unix://{sock}", "--no-auth", "--status-file", f"{open_dir}/page"],
         capture_output=True,
         timeout=10,
     )
@@ -201,7 +201,7 @@ def test_status_file_in_a_directory_open_to_others_is_refused(private_dir, mode)
 )
 def test_bad_status_file_options_exit_2(private_dir, args, needle):
     proc = subprocess.run(
-        [fastrouter_binary(), "--listen", f"unix://{private_dir}/r.sock", *args],
+        [fastrouter_binary(), "--listen", f"unix://{private_dir}/r.sock", "--no-auth", *args],
         capture_output=True,
         timeout=10,
     )
@@ -211,7 +211,14 @@ def test_bad_status_file_options_exit_2(private_dir, args, needle):
 
 def test_missing_status_directory_is_refused(private_dir):
     proc = subprocess.run(
-        [fastrouter_binary(), "--listen", f"unix://{private_dir}/r.sock", "--status-file", f"{private_dir}/no/page"],
+        [
+            fastrouter_binary(),
+            "--listen",
+            f"unix://{private_dir}/r.sock",
+            "--no-auth",
+            "--status-file",
+            f"{private_dir}/no/page",
+        ],
         capture_output=True,
         timeout=10,
     )
@@ -223,7 +230,7 @@ def test_a_page_another_live_router_publishes_is_not_taken_over(start_router, pr
     path = os.path.join(private_dir, "shared.status")
     first = start_router("--status-file", path)
     proc = subprocess.run(
-        [fastrouter_binary(), "--listen", f"unix://{private_dir}/other.sock", "--status-file", path],
+        [fastrouter_binary(), "--listen", f"unix://{private_dir}/other.sock", "--no-auth", "--status-file", path],
         capture_output=True,
         timeout=10,
     )

@@ -21,16 +21,16 @@ PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torture_peers.
 SECONDS = float(os.environ.get("FASTROUTER_TORTURE_SECONDS", "6"))
 
 
-def spawn(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, PEERS, *args], stdout=subprocess.PIPE, text=True)
+def spawn(router, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, PEERS, *args], stdout=subprocess.PIPE, text=True, env=router.env())
 
 
 def test_kill_9_workers_and_masters_under_load(start_router):
     router = start_router("--max-queue", "64")
     rng = random.Random(2024)
-    workers = [spawn("worker", router.address, str(i)) for i in range(4)]
-    doomed = [spawn("master", router.address, "1000000", str(100 + i)) for i in range(2)]
-    survivors = [spawn("master", router.address, "3000", str(200 + i)) for i in range(3)]
+    workers = [spawn(router, "worker", router.address, str(i)) for i in range(4)]
+    doomed = [spawn(router, "master", router.address, "1000000", str(100 + i)) for i in range(2)]
+    survivors = [spawn(router, "master", router.address, "3000", str(200 + i)) for i in range(3)]
     kills = {"worker": 0, "master": 0}
     end = time.monotonic() + SECONDS
     n = 0
@@ -42,13 +42,13 @@ def test_kill_9_workers_and_masters_under_load(start_router):
             victim.send_signal(signal.SIGKILL)
             victim.wait()
             kills["worker"] += 1
-            workers.append(spawn("worker", router.address, str(1000 + n)))
+            workers.append(spawn(router, "worker", router.address, str(1000 + n)))
         else:
             victim = doomed.pop(rng.randrange(len(doomed)))
             victim.send_signal(signal.SIGKILL)
             victim.wait()
             kills["master"] += 1
-            doomed.append(spawn("master", router.address, "1000000", str(2000 + n)))
+            doomed.append(spawn(router, "master", router.address, "1000000", str(2000 + n)))
     for victim in doomed:
         victim.send_signal(signal.SIGKILL)
         victim.wait()

@@ -167,7 +167,9 @@ def test_withdraw_racing_idle_workers_gives_every_job_exactly_one_outcome(start_
     """
     router = start_router()
     logs = [os.path.join(private_dir, f"worker{i}.log") for i in range(3)]
-    workers = [subprocess.Popen([sys.executable, PEERS, "worker", router.address, log]) for log in logs]
+    workers = [
+        subprocess.Popen([sys.executable, PEERS, "worker", router.address, log], env=router.env()) for log in logs
+    ]
     try:
         assert wait_for(lambda: stats(router.address)["workers_idle"] == len(workers), timeout=10)
         masters = [
@@ -175,6 +177,7 @@ def test_withdraw_racing_idle_workers_gives_every_job_exactly_one_outcome(start_
                 [sys.executable, PEERS, "master", router.address, str(RACE_SECONDS), str(seed)],
                 stdout=subprocess.PIPE,
                 text=True,
+                env=router.env(),
             )
             for seed in range(1, 6)
         ]

@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fastrouter_wire import BUSY, ERROR, JOB, MASTER, READY, RESULT, SUBMIT, TIMEOUT, WORKER, Peer
+from fastrouter_wire import BUSY, ERROR, JOB, MASTER, READY, RESULT, SUBMIT, TIMEOUT, WORKER, Peer, register_key
 
 
 def worker(address: str, seed: str) -> None:
@@ -77,4 +77,6 @@ def master(address: str, jobs: str, seed: str) -> None:
 
 
 if __name__ == "__main__":
+    # The router's key, from the test (RouterProcess.env()); empty for a --no-auth router.
+    register_key(sys.argv[2], bytes.fromhex(os.environ.get("FASTROUTER_TEST_KEY", "")) or None)
     {"worker": worker, "master": master}[sys.argv[1]](*sys.argv[2:])

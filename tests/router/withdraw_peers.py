@@ -38,6 +38,7 @@ from fastrouter_wire import (
     WORKER,
     Peer,
     encode,
+    register_key,
 )
 
 TERMINAL = (RESULT, ERROR, TIMEOUT, BUSY)
@@ -138,4 +139,6 @@ def master(address: str, seconds: str, seed: str) -> None:
 
 
 if __name__ == "__main__":
+    # The router's key, from the test (RouterProcess.env()); empty for a --no-auth router.
+    register_key(sys.argv[2], bytes.fromhex(os.environ.get("FASTROUTER_TEST_KEY", "")) or None)
     {"worker": worker, "master": master}[sys.argv[1]](*sys.argv[2:])
