@@ -300,15 +300,25 @@ def test_a_header_over_64_bytes_is_refused_before_its_payload(router):
     refused(offender, b"64 bytes before the handshake")
 
 
-def _flood(address: str, n: int, length: int) -> list[Peer]:
-    peers = []
-    for _ in range(n):
-        p = Peer(address)
+def _header_then_one_byte(peers: list[Peer], length: int) -> None:
+    """Each peer sends a header announcing `length`, and, once the router has read them all, one
+    byte of the payload: the second read is where a buffer sized from the header would grow."""
+    for p in peers:
         try:
-            p.send_raw(header(SUBMIT, length, job_id=1) + b"x")
+            p.send_raw(header(SUBMIT, length, job_id=1))
         except OSError:
-            pass  # already evicted and closed
-        peers.append(p)
+            pass  # already refused and closed
+    time.sleep(0.1)
+    for p in peers:
+        try:
+            p.send_raw(b"x")
+        except OSError:
+            pass
+
+
+def _flood(address: str, n: int, length: int) -> list[Peer]:
+    peers = [Peer(address) for _ in range(n)]
+    _header_then_one_byte(peers, length)
     return peers
 
 
@@ -366,9 +376,8 @@ def test_authenticated_peers_announcing_16_mib_hold_only_what_they_sent(start_ro
     assert wait_for(lambda: stats(router.address)["masters"] == n, timeout=10)
     before = memory_kb(router.proc.pid)
     t0 = time.monotonic()
-    for p in peers:
-        p.send_raw(header(SUBMIT, 16 * MIB, job_id=1) + b"x")
-    time.sleep(0.5)
+    _header_then_one_byte(peers, 16 * MIB)
+    time.sleep(0.4)
     during = memory_kb(router.proc.pid)
     assert stats(router.address)["masters"] == n  # still waiting for the rest of their frames
     closed = _all_closed(peers, t0 + 1.5 + 2.0)

@@ -544,8 +544,12 @@ def test_shutdown_error_code(router):
 
 def test_exits_when_parent_dies(private_dir):
     sock = os.path.join(private_dir, "child.sock")
-    # A shell parent starts the router with --parent-pid $$ and then dies.
-    script = f'"{fastrouter_binary()}" --listen unix://{sock} --no-auth --parent-pid $$ --quiet & echo $!; sleep 0.5'
+    # A shell parent starts the router with --parent-pid $$ and then dies. The router's READY
+    # line goes elsewhere, so the first line read is always the pid.
+    script = (
+        f'"{fastrouter_binary()}" --listen unix://{sock} --no-auth --parent-pid $$ --quiet >/dev/null & '
+        "echo $!; sleep 0.5"
+    )
     parent = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE)
     child_pid = int(parent.stdout.readline())
     parent.wait(5)
