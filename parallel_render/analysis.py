@@ -1,7 +1,8 @@
 """What a {% parallel %} block reads, and whether rendering it elsewhere could change the page.
 
 Works on parsed nodelists, once per block: the names the block reads from its context (so
-only those travel), and the reasons it must render inline instead.
+only those travel), what it reads under each (so a request or a model instance travels only
+in the parts the block can see), and the reasons it must render inline instead.
 """
 
 from __future__ import annotations
@@ -62,10 +63,81 @@ def tag_name(node: Node) -> str:
     return type(node).__name__
 
 
+class Reads:
+    """What a block reads of one value: the value itself (`whole`: printed, passed to a filter or
+    a tag, iterated, compared, bound to another name), or only the attributes and keys below it.
+
+    `{{ request.COOKIES.theme }}` reads request > COOKIES > theme; `{{ user }}` reads user whole.
+    A value read whole may be read anywhere below, so below() answers WHOLE for every name.
+    """
+
+    __slots__ = ("children", "whole")
+
+    def __init__(self, whole: bool = False) -> None:
+        self.whole = whole
+        self.children: dict[str, Reads] = {}
+
+    def add(self, path: tuple[str, ...]) -> None:
+        node = self
+        for bit in path:
+            if node.whole:
+                return
+            child = node.children.get(bit)
+            if child is None:
+                child = node.children[bit] = Reads()
+            node = child
+        node.whole = True
+        node.children = {}
+
+    def below(self, name: str) -> Reads | None:
+        """What is read under attribute or key `name`; None when the block never reads it."""
+        if self.whole:
+            return WHOLE
+        return self.children.get(name)
+
+    def paths(self, prefix: str) -> list[str]:
+        if self.whole:
+            return [prefix]
+        out: list[str] = []
+        for name in sorted(self.children):
+            out += self.children[name].paths(f"{prefix}.{name}")
+        return out
+
+    def __repr__(self) -> str:
+        return f"<Reads {', '.join(self.paths('.')) or '(nothing)'}>"
+
+
+# The value read whole (shared; never modified: add() on it returns at once).
+WHOLE = Reads(whole=True)
+
+
 @dataclass
 class Analysis:
     names: set[str] = field(default_factory=set)
     reasons: list[str] = field(default_factory=list)
+    # Per name the block reads: what it reads of it (codec.Encoder sends only that part of a
+    # request, and only those fields of a model instance it can see).
+    reads: dict[str, Reads] = field(default_factory=dict)
+    # Every attribute or key name the block looks up below any variable, whatever the
+    # variable (loop variables included): a sensitive field named here keeps the block inline.
+    attrs: set[str] = field(default_factory=set)
+
+    def read(self, lookups: tuple[str, ...]) -> None:
+        name = lookups[0]
+        self.names.add(name)
+        reads = self.reads.get(name)
+        if reads is None:
+            reads = self.reads[name] = Reads()
+        reads.add(tuple(lookups[1:]))
+        self.attrs.update(lookups[1:])
+
+    def read_paths(self) -> list[str]:
+        """What the block reads, as dotted paths (`request.path`, `user` for a whole value)."""
+        out: list[str] = []
+        for name in sorted(self.names):
+            reads = self.reads.get(name)
+            out += reads.paths(name) if reads is not None else [name]
+        return out
 
     @property
     def reason(self) -> str | None:
@@ -107,8 +179,10 @@ class _Walker:
             self.reason("contains {% block %}, which template inheritance may replace")
         if isinstance(node, ExtendsNode):
             self.extends(node)
-        if name == "CsrfTokenNode" or isinstance(node, InclusionNode):
-            self.result.names.add("csrf_token")
+        if name == "CsrfTokenNode" or (isinstance(node, InclusionNode) and self.inclusion_uses_csrf(node)):
+            # Django's inclusion tags pass csrf_token on to their template: only a template
+            # that renders it needs the token (the master's, masked as it would render it).
+            self.result.read(("csrf_token",))
         known = path.startswith(_DJANGO_MODULES) or path.startswith("parallel_render.") or path in self.transparent
         if isinstance(node, (SimpleNode, InclusionNode)):
             if node.takes_context:
@@ -185,7 +259,7 @@ class _Walker:
             self.node(value, pushed)
         elif isinstance(value, Token):
             if value.token_type == TokenType.VAR:
-                self.result.names.add(value.contents.split(".")[0].split("|")[0].strip())
+                self.result.read((value.contents.split(".")[0].split("|")[0].strip(),))
         elif isinstance(value, (list, tuple)):
             for item in value:
                 self.value(item, pushed, depth + 1)
@@ -207,7 +281,37 @@ class _Walker:
 
     def variable(self, var: Variable) -> None:
         if var.lookups:
-            self.result.names.add(var.lookups[0])
+            self.result.read(var.lookups)
+
+    def inclusion_uses_csrf(self, node: InclusionNode) -> bool:
+        """Whether an inclusion tag's template may render the csrf_token it is handed.
+
+        Walked once per tag node; anything the walk cannot see through (a template chosen at
+        run time, a tag that takes the whole context) counts as using it.
+        """
+        found = getattr(node, "_parallel_render_csrf", None)
+        if found is not None:
+            return found
+        node._parallel_render_csrf = True  # while walking (a tag whose template uses itself)
+        filename = node.filename
+        templates: list[Any] = []
+        try:
+            if isinstance(filename, str):
+                templates = [self.engine.get_template(filename)]
+            elif hasattr(filename, "nodelist"):
+                templates = [filename]
+            elif hasattr(getattr(filename, "template", None), "nodelist"):
+                templates = [filename.template]
+            else:
+                templates = [self.engine.get_template(name) for name in filename]
+        except Exception:
+            return True
+        inner = Analysis()
+        walker = _Walker(inner, self.engine, self.transparent)
+        walker.in_include = 1
+        walker.walk_lists([t.nodelist for t in templates], pushed=True)
+        found = node._parallel_render_csrf = "csrf_token" in inner.names or bool(inner.reasons)
+        return found
 
 
 def transparent_paths(extra: list[str]) -> frozenset[str]:

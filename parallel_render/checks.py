@@ -28,6 +28,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     except ImproperlyConfigured as exc:
         errors.append(checks.Error(str(exc), hint="Fix the PARALLEL_RENDER setting.", id="parallel_render.E001"))
         return errors
+    errors += check_sensitive_fields()
     middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
     if MIDDLEWARE_PATH in middleware:
         ours = middleware.index(MIDDLEWARE_PATH)
@@ -78,3 +79,64 @@ def check_blocks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
                 )
             )
     return warnings
+
+
+def check_sensitive_fields() -> list[checks.CheckMessage]:
+    """PARALLEL_RENDER['SENSITIVE_FIELDS'] and models' PARALLEL_RENDER_SENSITIVE_FIELDS name real fields.
+
+    A typo would let the field travel to the workers while the site believes it does not.
+    """
+    from django.apps import apps
+    from django.core.exceptions import FieldDoesNotExist
+
+    from parallel_render import conf
+
+    errors: list[checks.CheckMessage] = []
+    for entry in conf.get_config()["SENSITIVE_FIELDS"]:
+        label, _, field_name = entry.rpartition(".")
+        try:
+            model = apps.get_model(label)
+        except (LookupError, ValueError):
+            errors.append(checks.Error(
+                f"PARALLEL_RENDER['SENSITIVE_FIELDS'] names {entry!r}, but there is no model {label!r}.",
+                hint="Write each entry as \"app_label.ModelName.field\", e.g. \"accounts.Profile.phone\", "
+                     "for an installed app.",
+                id="parallel_render.E002",
+            ))
+            continue
+        try:
+            model._meta.get_field(field_name)
+        except FieldDoesNotExist:
+            errors.append(checks.Error(
+                f"PARALLEL_RENDER['SENSITIVE_FIELDS'] names {entry!r}, but {model._meta.label} has no field "
+                f"{field_name!r}.",
+                hint=f"Use one of the field names of {model._meta.label}: "
+                     + ", ".join(sorted(f.name for f in model._meta.get_fields() if f.concrete)) + ".",
+                obj=model,
+                id="parallel_render.E002",
+            ))
+    for model in apps.get_models():
+        own = model.__dict__.get("PARALLEL_RENDER_SENSITIVE_FIELDS")
+        if own is None:
+            continue
+        if not isinstance(own, (list, tuple)) or not all(isinstance(name, str) for name in own):
+            errors.append(checks.Error(
+                f"{model._meta.label}.PARALLEL_RENDER_SENSITIVE_FIELDS must be a list or tuple of field names, "
+                f"not {own!r}.",
+                hint='For example PARALLEL_RENDER_SENSITIVE_FIELDS = ["email", "phone"].',
+                obj=model,
+                id="parallel_render.E003",
+            ))
+            continue
+        for name in own:
+            try:
+                model._meta.get_field(name)
+            except FieldDoesNotExist:
+                errors.append(checks.Error(
+                    f"{model._meta.label}.PARALLEL_RENDER_SENSITIVE_FIELDS names {name!r}, which is not one of its "
+                    "fields.",
+                    hint="List field names of this model (inherited fields included).",
+                    obj=model,
+                    id="parallel_render.E003",
+                ))
+    return errors

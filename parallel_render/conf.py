@@ -47,6 +47,10 @@ DEFAULTS: dict[str, Any] = {
     "WORKER_CONTEXT_PROCESSORS": [],
     # Dotted paths of parallel_render.codec.ValueCodec subclasses for the site's own types.
     "VALUE_CODECS": [],
+    # Model fields that never travel to a worker, as "app_label.ModelName.field" (a user's
+    # password and a session's key and data never do; a model can also list its own in a
+    # PARALLEL_RENDER_SENSITIVE_FIELDS class attribute). A block that reads one renders inline.
+    "SENSITIVE_FIELDS": [],
     # Path of the fastrouter binary; None finds the one installed with the package.
     "FASTROUTER_BINARY": None,
 }
@@ -89,6 +93,14 @@ def get_config() -> dict[str, Any]:
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ImproperlyConfigured(
             f"PARALLEL_RENDER['WORKERS'] must be a whole number >= 0 or None, not {workers!r}."
+        )
+    sensitive = config["SENSITIVE_FIELDS"]
+    if not isinstance(sensitive, (list, tuple)) or not all(
+        isinstance(entry, str) and entry.count(".") == 2 and all(entry.split(".")) for entry in sensitive
+    ):
+        raise ImproperlyConfigured(
+            "PARALLEL_RENDER['SENSITIVE_FIELDS'] must be a list of \"app_label.ModelName.field\" strings, "
+            f"not {sensitive!r}."
         )
     router = config["ROUTER"] or os.environ.get(ENV_ROUTER)
     if router is not None:

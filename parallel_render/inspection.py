@@ -16,6 +16,7 @@ class BlockReport:
     template: str
     line: int
     reason: str | None  # None: the block can run in parallel
+    # What the block reads, as dotted paths (request.COOKIES.theme, user.username; user: read whole).
     names: list[str] = field(default_factory=list)
 
     @property
@@ -69,7 +70,7 @@ def project_blocks() -> Iterator[BlockReport]:
                 if node.template_name != name:
                     continue
                 analysis = node.get_analysis(engine)
-                yield BlockReport(name, node.line, node.static_reason or analysis.reason, sorted(analysis.names))
+                yield BlockReport(name, node.line, node.static_reason or analysis.reason, analysis.read_paths())
 
 
 class _RecordingClient:

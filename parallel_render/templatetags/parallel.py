@@ -113,7 +113,8 @@ class ParallelNode(Node):
         nonce = f"{current.token}:{index}"
         try:
             job = {"v": 1, "e": alias, "t": self.template_name, "o": self.ordinal, "h": self.digest,
-                   "n": nonce, "c": encode_values(context, values), "env": env}
+                   "n": nonce, "c": encode_values(context, values, self.get_analysis(context.template.engine)),
+                   "env": env}
             if any(type(v) is dict and "$proc" in v for v in job["c"].values()):
                 job["req"] = codec.Encoder().encode(context.request, "request")
             body = orjson.dumps(job)
@@ -326,18 +327,20 @@ def _snapshot_loops(context: Context, values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def encode_values(context: Context, values: dict[str, Any]) -> dict[str, Any]:
-    """Encode what a block reads. A value that cannot be sent but comes from a context processor
-    listed in WORKER_CONTEXT_PROCESSORS is made again by that processor in the worker."""
-    encoder = codec.Encoder()
+def encode_values(context: Context, values: dict[str, Any], reads: analysis.Analysis | None = None) -> dict[str, Any]:
+    """Encode what a block reads (only the parts it reads, given its analysis). A value that cannot
+    be sent but comes from a context processor listed in WORKER_CONTEXT_PROCESSORS is made again
+    by that processor in the worker."""
+    encoder = codec.Encoder(reads)
     rerun = conf.get_config()["WORKER_CONTEXT_PROCESSORS"]
     made_by_processors = context.dicts[context._processors_index] if hasattr(context, "_processors_index") else {}
     encoded = {}
     for name, value in values.items():
         try:
             encoded[name] = encoder.encode(value, name)
-        except codec.Unsendable:
-            if not (rerun and name in made_by_processors and made_by_processors[name] is value):
+        except codec.Unsendable as exc:
+            never = isinstance(exc, codec.NeverSent)  # a credential or sensitive field it reads
+            if never or not (rerun and name in made_by_processors and made_by_processors[name] is value):
                 raise
             encoded[name] = {"$proc": name}
     return encoded
