@@ -145,11 +145,6 @@ class LocalCluster:
         """Processes started again since start() (router and workers)."""
         return self.supervisor.restarts["router"] + self.supervisor.restarts["worker"]
 
-    @property
-    def _delay(self) -> dict[int, float]:
-        # The current restart delay of each worker slot (tests/test_errors_and_config.py reads it).
-        return {key[1]: delay for key, delay in self.supervisor.delay.items() if isinstance(key, tuple)}
-
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until every worker has told the router it is idle."""
         from parallel_render.client import RouterClient
