@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from django.apps import apps
+from django.conf import settings
 from django.db import DatabaseError, models
 from django.db.models.query import ModelIterable, QuerySet
 from django.http import HttpRequest, QueryDict
@@ -227,9 +228,8 @@ class Encoder:
         state = obj.__dict__
         fields = {}
         withheld = []
-        pk_name = meta.pk.attname if meta.pk is not None else None
-        for field in meta.concrete_fields:
-            attname = field.attname
+        attnames, attname_set, pk_name = _model_attnames(model)
+        for attname in attnames:
             if attname not in state:
                 continue
             if attname in sensitive or (wanted is not None and attname not in wanted and attname != pk_name):
@@ -246,7 +246,7 @@ class Encoder:
         related = {}
         prefetched = {}
         for key, val in state.items():
-            if key in fields or key == "_state" or key in sensitive:
+            if key in attname_set or key == "_state" or key in sensitive:
                 continue
             if key == "_prefetched_objects_cache":
                 if wanted is None:
@@ -260,7 +260,7 @@ class Encoder:
             if type(val) is _Withheld:  # a worker passing on an instance it was sent
                 withheld.extend(val.names)
                 continue
-            if key in withheld or (wanted is not None and key not in wanted):
+            if wanted is not None and key not in wanted:
                 continue
             extra[key] = self.encode(val, f"{path}.{key}")
         if wanted is None:
@@ -362,6 +362,12 @@ class Encoder:
             "GET": list(request.GET.lists()),
             "META": {"v": meta, "a": sorted(set(meta_known) - set(meta))},
         }
+        storage = getattr(request, "_messages", None)
+        if storage is not None:
+            # Only whether there is a message storage, and its level: adding or reading a
+            # message in the worker makes the block the master's (RemoteMessages).
+            level = getattr(storage, "level", None)
+            out["msg"] = level if type(level) is int else None
         cookies_read = read.below("COOKIES")
         if cookies_read is not None:
             out["COOKIES"] = _cookies(request.COOKIES, cookies_read, path)
@@ -479,23 +485,17 @@ def _cookies(cookies: dict[str, str], read: Reads, path: str) -> dict[str, Any]:
 
 def _meta_keys() -> tuple[str, ...]:
     """REQUEST_META_KEYS, and the header SECURE_PROXY_SSL_HEADER names (request.is_secure())."""
-    from django.conf import settings
-
     proxy = getattr(settings, "SECURE_PROXY_SSL_HEADER", None)
     if proxy and proxy[0] not in REQUEST_META_KEYS and proxy[0] not in PROTECTED_META_KEYS:
         return (*REQUEST_META_KEYS, proxy[0])
     return REQUEST_META_KEYS
 
 
-def _protected_cookies() -> frozenset[str]:
-    from django.conf import settings
-
-    return frozenset((settings.SESSION_COOKIE_NAME, settings.CSRF_COOKIE_NAME, "messages"))
+def _protected_cookies() -> tuple[str, ...]:
+    return (settings.SESSION_COOKIE_NAME, settings.CSRF_COOKIE_NAME, "messages")
 
 
 def _csrf_header() -> str:
-    from django.conf import settings
-
     return settings.CSRF_HEADER_NAME
 
 
@@ -508,6 +508,19 @@ def _session_attribute(session: Any, name: str) -> bool:
     if isinstance(session, RemoteSession):
         return True  # the worker does not know the master's session class: assume it may
     return hasattr(type(session), name) or name in vars(session)
+
+
+_attnames: dict[type, tuple[tuple[str, ...], frozenset[str], str | None]] = {}
+
+
+def _model_attnames(model: type) -> tuple[tuple[str, ...], frozenset[str], str | None]:
+    """A model's concrete attnames (in order, and as a set) and its primary key's attname."""
+    found = _attnames.get(model)
+    if found is None:
+        meta = model._meta
+        names = tuple(f.attname for f in meta.concrete_fields)
+        found = _attnames[model] = (names, frozenset(names), meta.pk.attname if meta.pk is not None else None)
+    return found
 
 
 def _named_fields(obj: models.Model, read: Reads) -> set[str] | None:
@@ -759,6 +772,8 @@ class Decoder:
     def _request(self, data: dict) -> HttpRequest:
         request = RemoteRequest()
         request._master_attrs = frozenset(data.get("has", ()))
+        if "msg" in data:
+            request._messages = RemoteMessages(data["msg"])
         request.method = data["method"]
         request.path = data["path"]
         request.path_info = data["path_info"]
@@ -968,6 +983,40 @@ class RemoteSession(PartialDict):
         raise RemoteAttributeError(
             f"request.session.{name} was not sent to the worker; this block must render in the master"
         )
+
+    def _changes(self, *args: Any, **kwargs: Any) -> Any:
+        # A change here would be lost with this copy: the master renders the block, on the
+        # session that is saved with its response.
+        raise SideEffect("the block changes request.session; it renders in the master, whose session is saved")
+
+    __setitem__ = __delitem__ = pop = popitem = setdefault = update = clear = _changes
+
+
+class SideEffect(RemoteAttributeError):
+    """The block changes the request it was given (its session, its messages). Only the
+    master's request lives on after the page, so the master renders the block, and keeps it
+    from then on (ParallelNode.learned_reason)."""
+
+
+class RemoteMessages:
+    """Stands for the master's message storage (django.contrib.messages) in a rebuilt request.
+
+    Adding a message, or reading them (which marks them shown), changes the master's storage:
+    either makes the block one the master renders. The level may be read, as on the master.
+    """
+
+    __slots__ = ("level",)
+
+    def __init__(self, level: int | None) -> None:
+        self.level = level
+
+    def add(self, level: int, message: Any, extra_tags: str = "") -> None:
+        raise SideEffect("the block adds a message; it renders in the master, whose messages are kept")
+
+    def _reads(self, *args: Any) -> Any:
+        raise SideEffect("the block reads the messages, which marks them shown; it renders in the master")
+
+    __iter__ = __len__ = __contains__ = __getitem__ = _reads
 
 
 class _Withheld:

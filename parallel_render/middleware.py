@@ -276,6 +276,9 @@ def _result(
         result = {**part, "pid": result.get("pid")}
     if not result.get("ok"):  # no HTML to stitch (a worker's refusal carries no nonce)
         kind = NOT_RENDERED if result.get("master_only") else FAILED
+        if result.get("effect"):
+            # It changes the request (session, messages): only the master's request keeps that.
+            f.node.learned_reason = str(result.get("error", "it changes the request"))
         return None, f"worker error: {result.get('error', '?')}", kind
     if result.get("n") != f.nonce:
         # Never stitch a fragment into a page it was not rendered for.

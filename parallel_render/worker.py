@@ -229,6 +229,8 @@ class Worker:
             # Not the block's fault: it needs the master (other code, or something that
             # was not sent), so the master renders it rather than show its fallback.
             result["master_only"] = True
+            if isinstance(exc, codec.SideEffect):
+                result["effect"] = True  # the master keeps this block from now on
         if settings.DEBUG:
             result["traceback"] = traceback.format_exc()
         return result

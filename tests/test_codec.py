@@ -122,6 +122,36 @@ def test_request_and_user():
         trip(request).session  # noqa: B018
 
 
+def test_a_rebuilt_request_refuses_changes_that_only_the_masters_request_would_keep():
+    """Session writes and messages (added or read) make the block the master's (SideEffect)."""
+    from django.contrib import messages
+    from django.contrib.messages.storage.fallback import FallbackStorage
+    from django.contrib.sessions.backends.signed_cookies import SessionStore
+
+    from parallel_render.codec import SideEffect
+
+    request = RequestFactory().get("/")
+    request.session = SessionStore()
+    request.session["seen"] = 1  # loaded: it travels
+    request._messages = FallbackStorage(request)
+    rebuilt = trip(request)
+    assert rebuilt.session["seen"] == 1 and messages.get_level(rebuilt) == messages.get_level(request)
+    for change in (
+        lambda: rebuilt.session.__setitem__("seen", 2),
+        lambda: rebuilt.session.pop("seen"),
+        lambda: rebuilt.session.update(seen=3),
+        lambda: messages.info(rebuilt, "hello"),
+        lambda: list(messages.get_messages(rebuilt)),
+    ):
+        with pytest.raises(SideEffect):
+            change()
+    assert rebuilt.session["seen"] == 1
+    # A master request without the messages app: the worker fails as the master would.
+    del request._messages
+    with pytest.raises(messages.MessageFailure):
+        messages.info(trip(request), "hello")
+
+
 class Money:
     def __init__(self, cents: int, currency: str) -> None:
         self.cents, self.currency = cents, currency

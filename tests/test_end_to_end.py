@@ -187,3 +187,27 @@ def test_a_block_rescued_after_its_loop_renders_with_its_own_iteration(parallel)
     response = Client().get("/p/loop_rescue/?sleep=1")
     assert response.content == serial.content
     assert rescued(response) == ["timed out"] * 12
+
+
+def test_a_block_that_writes_the_session_or_adds_a_message_has_the_same_effects_as_serially(parallel):
+    """The page, the session and the messages the next request sees are the serial ones."""
+    from parallel_render.testing import serially
+
+    def visit_twice(client: Client) -> list[str]:
+        first = client.get("/effects/?marker=one").content.decode()
+        second = client.get("/effects/?marker=two").content.decode()
+        return [first, second]
+
+    with serially():
+        serial = visit_twice(Client())
+    assert "<p>visits one</p><m>remembered k=one</m>" in serial[1]
+    client = Client()
+    first = client.get("/effects/?marker=one")
+    # The first time, a worker finds the block changing the request and hands it back.
+    assert len(block_pids(first)) == 1
+    (why,) = rescued(first)  # Server-Timing keeps the first 100 characters of the reason
+    assert why.startswith("worker error: SideEffect: the block changes request.session; it renders in the master")
+    second = client.get("/effects/?marker=two")
+    assert [first.content.decode(), second.content.decode()] == serial
+    # From then on the master keeps it: one block goes to a worker, the other never leaves.
+    assert len(block_pids(second)) == 1 and not rescued(second)

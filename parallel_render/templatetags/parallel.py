@@ -61,6 +61,9 @@ class ParallelNode(Node):
         self._analysis: analysis.Analysis | None = None
         self._logged: set[str] = set()
         self._cache_nodes: list[Any] | None = None
+        # Set when a worker found the block changing the request (codec.SideEffect): from then
+        # on this master renders it itself.
+        self.learned_reason: str | None = None
         # What rendering this block costs, in ms (None until measured): see observe().
         self.cost_ms: float | None = None
         self._samples: list[float] = []
@@ -233,6 +236,8 @@ class ParallelNode(Node):
     def reason_inline(self, context: Context, frame: Any) -> str | None:
         if self.static_reason:
             return self.static_reason
+        if self.learned_reason:
+            return self.learned_reason
         found = self.get_analysis(context.template.engine).reason
         if found:
             return found

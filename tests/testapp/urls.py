@@ -9,6 +9,7 @@ urlpatterns = [
     path("form/", views.form_view, name="form"),
     path("json/", views.json_view, name="json"),
     path("json_of_render/", views.json_of_render, name="json_of_render"),
+    path("effects/", views.effects, name="effects"),
     path("p/<str:name>/", views.page, name="page"),
     path("tr/<str:name>/", views.page_tr, name="page_tr"),
 ]

@@ -53,6 +53,13 @@ def json_view(request):
     return JsonResponse({"html": html})
 
 
+def effects(request):
+    """A page whose block writes the session and adds a message (see t/effects.html)."""
+    context = common_context(request)
+    context["visits"] = request.session.get("k", "none")
+    return render(request, "t/effects.html", context)
+
+
 def json_of_render(request):
     """A view that reuses render()'s output: the HTML travels inside a JSON document."""
     from django.http import JsonResponse

@@ -82,3 +82,13 @@ def escaped_include(context, name):
     from django.utils.html import escape
 
     return escape(render_to_string(name, context.flatten(), context.get("request")))
+
+
+@register.simple_tag
+def remember(request, key, value):
+    """A tag with side effects on the request: a session write and a message."""
+    from django.contrib import messages
+
+    request.session[key] = value
+    messages.info(request, f"remembered {key}={value}")
+    return f"remembered {key}"
