@@ -7,6 +7,8 @@ threads never steal each other's results.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 import mmap
 import os
@@ -17,8 +19,8 @@ import threading
 import time
 from typing import NamedTuple
 
+from parallel_render import keys, sealing
 from parallel_render import protocol as p
-from parallel_render import sealing, signing
 
 logger = logging.getLogger("parallel_render")
 
@@ -38,7 +40,12 @@ class Answer(NamedTuple):
         return p.TYPE_NAMES.get(self.type, str(self.type)).lower()
 
 
+class HandshakeError(ConnectionError):
+    """The router did not prove this site's key, or refused ours (with the router's reason)."""
+
+
 def connect(address: p.Address, timeout: float = 1.0) -> socket.socket:
+    """A plain connection to the router, before the handshake (see open_connection)."""
     if address.scheme == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         target: object = address.path
@@ -55,6 +62,116 @@ def connect(address: p.Address, timeout: float = 1.0) -> socket.socket:
     return sock
 
 
+def open_connection(address: p.Address, role: int, then: bytes = b"", timeout: float = 1.0) -> socket.socket:
+    """A connection to the router that has completed the handshake as `role`, with `then`
+    (e.g. READY) sent in the same write as AUTH. The socket keeps `timeout`.
+
+    Raises OSError when the router cannot be reached, HandshakeError (an OSError too) when it
+    does not prove this site's key or refuses ours; the socket is closed either way.
+    """
+    sock = connect(address, timeout)
+    try:
+        handshake(sock, address, role, then)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def handshake(sock: socket.socket, address: p.Address | str, role: int, then: bytes = b"", key: bytes | None = None) -> None:
+    """PROTOCOL.md "Handshake", the peer's side: HELLO role ‖ Np; read CHALLENGE Nr ‖ proof and
+    check the router's proof; AUTH with ours, then `then`. Uses the socket's timeout.
+
+    key: the router-auth key (default: derived from this site's SECRET_KEY).
+    """
+    key = keys.router_auth_key() if key is None else key
+    mine = os.urandom(p.NONCE_SIZE)
+    try:
+        sock.sendall(p.encode_hello(role, mine))
+    except OSError as exc:
+        # A router that refuses us on sight (peer credentials) has written why, then closed.
+        frame = _handshake_frame(sock, address, quiet=True)
+        if frame is not None and frame.type == p.PROTOCOL_ERROR:
+            raise HandshakeError(f"the router at {address} refused this connection: {_reason(frame)}") from exc
+        raise
+    frame = _handshake_frame(sock, address)
+    assert frame is not None
+    if frame.type == p.PROTOCOL_ERROR:
+        raise HandshakeError(f"the router at {address} refused the handshake: {_reason(frame)}")
+    if frame.type != p.CHALLENGE:
+        raise HandshakeError(
+            f"the router at {address} answered HELLO with {p.TYPE_NAMES.get(frame.type, frame.type)}, not CHALLENGE"
+        )
+    try:
+        theirs, proof = p.decode_challenge(frame.payload)
+    except p.ProtocolError as exc:
+        raise HandshakeError(f"the router at {address} sent a bad CHALLENGE: {exc}") from None
+    if not hmac.compare_digest(proof, p.router_proof(key, role, mine, theirs)):
+        raise HandshakeError(f"the router at {address} does not hold this site's key (different SECRET_KEY?)")
+    sock.sendall(p.encode_auth(p.peer_proof(key, role, mine, theirs)) + then)
+
+
+def _reason(frame: p.Frame) -> str:
+    return frame.payload.decode("utf-8", "replace")
+
+
+# The longest answer a peer reads during the handshake (a CHALLENGE is 64 bytes; this leaves
+# room for a PROTOCOL_ERROR's reason), so a stranger cannot make it allocate more.
+HANDSHAKE_MAX_READ = 4096
+
+
+def _handshake_frame(sock: socket.socket, address: p.Address | str, quiet: bool = False) -> p.Frame | None:
+    """The router's one answer to HELLO, read exactly (nothing after it is consumed)."""
+    try:
+        head = _read_exactly(sock, p.HEADER_SIZE)
+        magic, version, type_, flags, _reserved, job_id, timeout_ms, length = p.HEADER.unpack(head)
+        if magic != p.MAGIC or version != p.VERSION or length > HANDSHAKE_MAX_READ:
+            raise HandshakeError(
+                f"the router at {address} answered HELLO with something that is not a fastrouter "
+                f"protocol version {p.VERSION} frame"
+            )
+        return p.Frame(type_, flags, job_id, timeout_ms, _read_exactly(sock, length))
+    except TimeoutError:
+        if quiet:
+            return None
+        raise HandshakeError(f"the router at {address} did not answer HELLO with CHALLENGE in time") from None
+    except OSError:
+        if quiet:
+            return None
+        raise
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise HandshakeError("the router closed the connection during the handshake")
+        data += chunk
+    return data
+
+
+_exposure_checked: set[tuple[str, int]] = set()
+
+
+def warn_if_exposed(address: p.Address) -> None:
+    """Once per process and address: log a warning when a tcp:// router's host resolves to an
+    address that is not loopback (decided on what it resolves to, not on its name)."""
+    if address.scheme != "tcp" or (address.host, address.port) in _exposure_checked:
+        return
+    _exposure_checked.add((address.host, address.port))
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # connecting will say what is wrong
+    exposed = sorted({info[4][0] for info in infos if not ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback})
+    if exposed:
+        logger.warning(
+            "the fastrouter address %s resolves to %s, not a loopback address: jobs are sealed end to end; "
+            "headers travel in the clear", address, ", ".join(exposed),
+        )
+
+
 class RouterClient:
     """A master's connection. Thread-safe; reconnects with backoff after a failure."""
 
@@ -65,6 +182,7 @@ class RouterClient:
         self.address = p.parse_address(address)
         # Jobs through this router are sealed for this binding (docs/security.md).
         self.binding = sealing.node_binding(address)
+        warn_if_exposed(self.address)
         self.max_payload = max_payload
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -95,9 +213,14 @@ class RouterClient:
                 f"{self._retry_at - now:.2f}s"
             )
         try:
-            sock = connect(self.address)
+            sock = open_connection(self.address, p.ROLE_MASTER)
             sock.settimeout(None)
-            sock.sendall(p.encode(p.HELLO, payload=signing.hello_payload(p.ROLE_MASTER, self.address.scheme)))
+        except HandshakeError as exc:
+            self._last_error = str(exc)
+            self._retry_at = now + self._backoff
+            self._backoff = min(self._backoff * 2, self.BACKOFF_MAX)
+            logger.error("%s", exc)
+            raise RouterUnavailable(str(exc)) from exc
         except OSError as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
             self._retry_at = now + self._backoff
@@ -309,11 +432,8 @@ class RouterClient:
         """Ask the router for its counters over a separate short-lived connection."""
         import orjson
 
-        sock = connect(self.address, timeout)
+        sock = open_connection(self.address, p.ROLE_MASTER, p.encode(p.STATS, 1), timeout)
         try:
-            if self.address.scheme == "tcp":  # an authenticated listener wants HELLO first
-                sock.sendall(p.encode(p.HELLO, payload=signing.hello_payload(p.ROLE_MASTER, "tcp")))
-            sock.sendall(p.encode(p.STATS, 1))
             reader = p.FrameReader()
             end = time.monotonic() + timeout
             while time.monotonic() < end:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,38 +26,77 @@ def private_socket_dir() -> str:
     return tempfile.mkdtemp(prefix="parallel_render-")
 
 
-def start_router(address: str, binary: str | None = None, args: Sequence[str] = (), timeout: float = 10.0) -> tuple[subprocess.Popen, str]:
-    """Start a fastrouter and wait for its READY line; return the process and its real address."""
+def start_router(
+    address: str, binary: str | None = None, args: Sequence[str] = (), timeout: float = 10.0, key_dir: str | None = None
+) -> tuple[subprocess.Popen, str]:
+    """Start a fastrouter and wait for its READY line; return the process and its real address.
+
+    The router gets this site's router-auth key (keys.py) in a 0600 file, `--auth-key-file`,
+    written to key_dir (a private directory of this user; by default the socket's own
+    directory when it is private, else keys.private_key_dir()) and removed once the router
+    has read it at start-up; unless args already say --auth-key-file or --no-auth.
+    """
+    from parallel_render import keys
+    from parallel_render.client import warn_if_exposed
+    from parallel_render.protocol import parse_address
+
     binary = binary or conf.fastrouter_binary()
     cmd = [binary, "--listen", address, "--parent-pid", str(os.getpid()), *args]
-    token_dir = None
-    if address.startswith("tcp://") and "--auth-token-file" not in args:
-        from parallel_render import signing
-
-        token_dir = private_socket_dir()
-        cmd += ["--auth-token-file", signing.write_token_file(token_dir)]
-    # Its own session: a Ctrl-C meant for the terminal's foreground group must not stop the
-    # router before the masters finish their pages; it stops when we say so, or dies with us.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
-    assert proc.stdout is not None
-    end = time.monotonic() + timeout
-    line = b""
-    while time.monotonic() < end and not line.endswith(b"\n"):
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
-        if not ready:
-            break
-        chunk = os.read(proc.stdout.fileno(), 4096)
-        if not chunk:
-            break
-        line += chunk
-    if token_dir is not None:
-        shutil.rmtree(token_dir, ignore_errors=True)  # read once, at start-up
+    key_file = None
+    if "--auth-key-file" not in args and "--no-auth" not in args:
+        key_file = keys.write_router_key_file(key_dir or router_key_dir(address), keys.key_file_name(address))
+        cmd += ["--auth-key-file", key_file]
+    try:
+        # Its own session: a Ctrl-C meant for the terminal's foreground group must not stop the
+        # router before the masters finish their pages; it stops when we say so, or dies with us.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+        assert proc.stdout is not None
+        end = time.monotonic() + timeout
+        line = b""
+        while time.monotonic() < end and not line.endswith(b"\n"):
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            line += chunk
+    finally:
+        if key_file is not None:
+            _unlink(key_file)  # read once, at start-up
     if not line.startswith(b"READY "):
         proc.kill()
         proc.wait()
         raise ClusterError(f"fastrouter ({' '.join(cmd)}) did not start: {line.decode(errors='replace')!r}, exit code {proc.returncode}")
     proc.stdout.close()
-    return proc, line.split(None, 1)[1].decode().strip()
+    real = line.split(None, 1)[1].decode().strip()
+    warn_if_exposed(parse_address(real))  # the router says so too; this is the plugin's own log
+    return proc, real
+
+
+def router_key_dir(address: str) -> str:
+    """Where the router's key file goes: next to a Unix socket when its directory is private
+    to this user (the router insists on that anyway), else this user's private key directory."""
+    import stat
+
+    if address.startswith("unix://"):
+        directory = os.path.dirname(address[len("unix://"):])
+        try:
+            info = os.lstat(directory)
+        except OSError:
+            info = None
+        if info is not None and stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077:
+            return directory
+    from parallel_render import keys
+
+    return keys.private_key_dir()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def worker_command(address: str, max_jobs: int | None = None, extra: Sequence[str] = ()) -> list[str]:

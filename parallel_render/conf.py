@@ -115,10 +115,9 @@ def clear_config(**kwargs: Any) -> None:
     """setting_changed receiver, so override_settings(PARALLEL_RENDER=...) works."""
     if kwargs.get("setting") in (None, "PARALLEL_RENDER", "SECRET_KEY", "DEBUG"):
         get_config.cache_clear()
-        from parallel_render import codec, keys, sealing, signing
+        from parallel_render import codec, keys, sealing
 
         keys.clear_cache()
-        signing.job_key.cache_clear()
         sealing.clear_cache()
         codec.custom_codecs.cache_clear()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -26,6 +28,8 @@ PROTOCOL_ERROR = 10
 CANCEL = 11
 WITHDRAW = 12
 WITHDRAWN = 13
+CHALLENGE = 14
+AUTH = 15
 
 TYPE_NAMES = {
     HELLO: "HELLO",
@@ -41,6 +45,8 @@ TYPE_NAMES = {
     CANCEL: "CANCEL",
     WITHDRAW: "WITHDRAW",
     WITHDRAWN: "WITHDRAWN",
+    CHALLENGE: "CHALLENGE",
+    AUTH: "AUTH",
 }
 
 ROLE_MASTER = 1
@@ -55,6 +61,13 @@ ERROR_SHUTDOWN = 2
 ERROR_REJECTED = 3
 
 MAX_FRAME = 16 * 1024 * 1024
+
+# The handshake (PROTOCOL.md, "Handshake"): HELLO role ‖ Np, CHALLENGE Nr ‖ router proof, AUTH peer proof.
+NONCE_SIZE = 32
+PROOF_SIZE = 32
+ROUTER_PROOF_LABEL = b"PR-AUTH1 router\0"
+PEER_PROOF_LABEL = b"PR-AUTH1 peer\0"
+MAX_HANDSHAKE_PAYLOAD = 64  # what a router accepts from a peer before the handshake is complete
 
 
 class ProtocolError(Exception):
@@ -120,6 +133,60 @@ class FrameReader:
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+
+# -- the handshake ------------------------------------------------------------------------------
+
+
+def encode_hello(role: int, nonce: bytes) -> bytes:
+    """HELLO, payload role ‖ Np (33 bytes)."""
+    if role not in (ROLE_MASTER, ROLE_WORKER) or len(nonce) != NONCE_SIZE:
+        raise ValueError("HELLO needs a role (1 master, 2 worker) and a 32-byte nonce")
+    return encode(HELLO, payload=bytes([role]) + nonce)
+
+
+def decode_hello(payload: bytes) -> tuple[int, bytes]:
+    """(role, Np) from a HELLO payload; ProtocolError if it is not role ‖ 32 bytes."""
+    if len(payload) != 1 + NONCE_SIZE or payload[0] not in (ROLE_MASTER, ROLE_WORKER):
+        raise ProtocolError(f"HELLO payload of {len(payload)} bytes is not a role and a {NONCE_SIZE}-byte nonce")
+    return payload[0], payload[1:]
+
+
+def router_proof(key: bytes, role: int, peer_nonce: bytes, router_nonce: bytes) -> bytes:
+    """HMAC(K, "PR-AUTH1 router\0" ‖ role ‖ Np ‖ Nr): the router's proof that it holds K."""
+    return hmac.new(key, ROUTER_PROOF_LABEL + bytes([role]) + peer_nonce + router_nonce, hashlib.sha256).digest()
+
+
+def peer_proof(key: bytes, role: int, peer_nonce: bytes, router_nonce: bytes) -> bytes:
+    """HMAC(K, "PR-AUTH1 peer\0" ‖ role ‖ Np ‖ Nr): the peer's proof that it holds K."""
+    return hmac.new(key, PEER_PROOF_LABEL + bytes([role]) + peer_nonce + router_nonce, hashlib.sha256).digest()
+
+
+def encode_challenge(router_nonce: bytes, proof: bytes) -> bytes:
+    """CHALLENGE, payload Nr ‖ the router's proof (64 bytes)."""
+    if len(router_nonce) != NONCE_SIZE or len(proof) != PROOF_SIZE:
+        raise ValueError("CHALLENGE needs a 32-byte nonce and a 32-byte proof")
+    return encode(CHALLENGE, payload=router_nonce + proof)
+
+
+def decode_challenge(payload: bytes) -> tuple[bytes, bytes]:
+    """(Nr, the router's proof) from a CHALLENGE payload."""
+    if len(payload) != NONCE_SIZE + PROOF_SIZE:
+        raise ProtocolError(f"CHALLENGE payload of {len(payload)} bytes, expected {NONCE_SIZE + PROOF_SIZE}")
+    return payload[:NONCE_SIZE], payload[NONCE_SIZE:]
+
+
+def encode_auth(proof: bytes) -> bytes:
+    """AUTH, payload the peer's proof (32 bytes)."""
+    if len(proof) != PROOF_SIZE:
+        raise ValueError("AUTH needs a 32-byte proof")
+    return encode(AUTH, payload=proof)
+
+
+def decode_auth(payload: bytes) -> bytes:
+    if len(payload) != PROOF_SIZE:
+        raise ProtocolError(f"AUTH payload of {len(payload)} bytes, expected {PROOF_SIZE}")
+    return payload
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ carries another job's identity.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
@@ -29,7 +28,6 @@ from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from django.conf import settings
 
 from parallel_render import keys
 
@@ -130,18 +128,22 @@ class Sealer:
         return Opened(got_kind, expiry_ms, identity, body)
 
 
-@functools.lru_cache(maxsize=16)
-def _sealer(secret_key: str | bytes, binding: bytes) -> Sealer:
-    return Sealer(keys._derived(secret_key, keys.JOB_SEAL_INFO), binding)
+# One Sealer per node binding for this site's SECRET_KEY. Reading settings.SECRET_KEY costs
+# more than the rest of a lookup, so it is not read per job: conf.clear_config empties this
+# when SECRET_KEY changes (the setting_changed signal, e.g. override_settings).
+_sealers: dict[bytes, Sealer] = {}
 
 
 def sealer(binding: bytes) -> Sealer:
-    """The Sealer for this site's current SECRET_KEY and a node binding (cached)."""
-    return _sealer(settings.SECRET_KEY, binding)
+    """The Sealer for this site's SECRET_KEY and a node binding (cached)."""
+    found = _sealers.get(binding)
+    if found is None:
+        found = _sealers[binding] = Sealer(keys.job_seal_key(), binding)
+    return found
 
 
 def clear_cache() -> None:
-    _sealer.cache_clear()
+    _sealers.clear()
 
 
 def expiry_ms(timeout: float) -> int:

@@ -17,9 +17,9 @@ from django.conf import settings
 from django.core import signals
 from django.template import Node
 
-from parallel_render import codec, conf, fragments, sealing, session, signing
+from parallel_render import codec, conf, fragments, sealing, session
 from parallel_render import protocol as p
-from parallel_render.client import RouterClient, connect
+from parallel_render.client import HandshakeError, RouterClient, open_connection, warn_if_exposed
 from parallel_render.process import die_with_parent
 
 logger = logging.getLogger("parallel_render")
@@ -52,6 +52,8 @@ class Worker:
         self.binding = sealing.node_binding(address)
         self.seen = sealing.ReplayGuard()
         self.refused = sealing.RefusalLog(f"worker {os.getpid()}")
+        self._handshake_error = ""
+        warn_if_exposed(self.address)
         self.max_jobs = max_jobs
         self.parent_pid = parent_pid
         self.heartbeat = heartbeat or os.environ.get(HEARTBEAT_ENV) or None
@@ -80,7 +82,18 @@ class Worker:
         try:
             while not self.stopping:
                 try:
-                    sock = connect(self.address)
+                    # AUTH and READY go in one write; as long to answer as the router gives us.
+                    sock = open_connection(self.address, p.ROLE_WORKER, READY_FRAME, timeout=2.0)
+                except HandshakeError as exc:
+                    # A router without this site's key gets no READY and never a job's result;
+                    # one that refused ours says why. Said once per reason; tried again.
+                    self._check_parent()
+                    if str(exc) != self._handshake_error:
+                        self._handshake_error = str(exc)
+                        logger.error("worker %d: %s; not working for it (retrying)", self.pid, exc)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
                 except OSError as exc:
                     self._check_parent()
                     logger.debug("worker %d: router at %s not reachable (%s)", os.getpid(), self.address, exc)
@@ -88,6 +101,7 @@ class Worker:
                     backoff = min(backoff * 2, 1.0)
                     continue
                 backoff = 0.05
+                self._handshake_error = ""
                 try:
                     self._serve(sock)
                 except OSError as exc:
@@ -116,11 +130,10 @@ class Worker:
             raise SystemExit(0)
 
     def _serve(self, sock: socket.socket) -> None:
+        """Work on a connection that has completed the handshake and sent READY."""
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, SOCKET_WAKE)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, SOCKET_WAKE)
-        hello = p.encode(p.HELLO, payload=signing.hello_payload(p.ROLE_WORKER, self.address.scheme))
-        sock.sendall(hello + READY_FRAME)
         self.beat(force=True)
         reader = p.FrameReader()
         # One buffer for the life of the connection: recv(1 MB) would map and unmap a fresh

@@ -13,7 +13,7 @@ from django.test import Client
 
 from parallel_render import conf, policy
 from parallel_render import protocol as p
-from parallel_render.client import RouterClient, RouterLoad, connect
+from parallel_render.client import RouterClient, RouterLoad, open_connection
 from parallel_render.cluster import LocalCluster
 from parallel_render.testing import parallel_workers, serially
 from tests.conftest import block_pids, rescued, run_concurrently
@@ -61,9 +61,8 @@ class EchoWorker:
     """A worker peer that answers each JOB with its payload and records what it was given."""
 
     def __init__(self, address: str, hold: threading.Event | None = None) -> None:
-        self.sock = connect(p.parse_address(address))
+        self.sock = open_connection(p.parse_address(address), p.ROLE_WORKER, p.encode(p.READY))
         self.sock.settimeout(None)
-        self.sock.sendall(p.encode(p.HELLO, payload=bytes([p.ROLE_WORKER])) + p.encode(p.READY))
         self.hold = hold
         self.seen: list[bytes] = []
         self.holding = threading.Event()

@@ -14,6 +14,9 @@ from parallel_render import sealing
 DOC = (Path(__file__).resolve().parent.parent / "fastrouter" / "PROTOCOL.md").read_text()
 
 
+KEY, NP, NR = bytes(range(32)), b"\x11" * 32, b"\x22" * 32
+
+
 def example(caption: str) -> bytes:
     """The hex block that follows a caption line in PROTOCOL.md."""
     match = re.search(re.escape(caption) + r"\s*\n\n((?:    [0-9a-f ]+\n)+)", DOC)
@@ -31,6 +34,11 @@ def example(caption: str) -> bytes:
         ("BUSY for job 7:", p.encode(p.BUSY, 7)),
         ("ERROR WORKER_LOST for job 7, reason `worker lost`:",
          p.encode(p.ERROR, 7, b"worker lost", flags=p.ERROR_WORKER_LOST)),
+        # The handshake, for K = 00..1f, Np = 32 x 11, Nr = 32 x 22.
+        ("HELLO from a master with its nonce `Np` (to a router with a key):", p.encode_hello(p.ROLE_MASTER, NP)),
+        ("CHALLENGE answering it, `Nr` then the router's proof:",
+         p.encode_challenge(NR, p.router_proof(KEY, p.ROLE_MASTER, NP, NR))),
+        ("AUTH from the master, its proof:", p.encode_auth(p.peer_proof(KEY, p.ROLE_MASTER, NP, NR))),
     ],
 )
 def test_documented_examples(caption, frame):

@@ -107,10 +107,15 @@ def _stop(proc: subprocess.Popen | None) -> None:
 
 @contextmanager
 def running_router(binary: str, cpus: set[int] | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A private router with this site's key, in its directory for the bench's peers too (key_args)."""
+    from parallel_render import keys
+
     with tempfile.TemporaryDirectory(prefix="prbench-") as d:
         os.chmod(d, 0o700)
+        key = keys.write_router_key_file(d)
         proc = subprocess.Popen(
-            [binary, "--listen", f"unix://{d}/router.sock", "--quiet", "--parent-pid", str(os.getpid())],
+            [binary, "--listen", f"unix://{d}/router.sock", "--quiet", "--parent-pid", str(os.getpid()),
+             "--auth-key-file", key],
             stdout=subprocess.PIPE,
             preexec_fn=_pin(cpus),
         )
@@ -121,9 +126,15 @@ def running_router(binary: str, cpus: set[int] | None = None) -> Iterator[tuple[
             _stop(proc)
 
 
+def key_args(address: str) -> list[str]:
+    """fastrouter_bench's option for the key of a router running_router started."""
+    return ["--key-file", os.path.join(os.path.dirname(address[len("unix://"):]), "router.key")]
+
+
 @contextmanager
 def native_workers(bench: str, address: str, n: int, cpus: set[int] | None = None) -> Iterator[None]:
-    proc = subprocess.Popen([bench, "echo", address, "--workers", str(n)], stdout=subprocess.PIPE, preexec_fn=_pin(cpus))
+    proc = subprocess.Popen([bench, "echo", address, *key_args(address), "--workers", str(n)], stdout=subprocess.PIPE,
+                            preexec_fn=_pin(cpus))
     try:
         _read_line(proc, 10, "fastrouter_bench echo")
         yield
@@ -132,6 +143,8 @@ def native_workers(bench: str, address: str, n: int, cpus: set[int] | None = Non
 
 
 def run_bench(bench: str, *args: str, cpus: set[int] | None = None) -> dict[str, Any]:
+    if args[0] != "pingpong":  # MODE ADDRESS ...: the router wants the handshake
+        args = (args[0], args[1], *key_args(args[1]), *args[2:])
     done = subprocess.run([bench, *args], capture_output=True, text=True, timeout=300, preexec_fn=_pin(cpus))
     if done.returncode:
         raise BenchError(f"fastrouter_bench {' '.join(args)} failed (rc={done.returncode}): {done.stderr.strip()}")
@@ -168,11 +181,10 @@ def rss_mb(pid: int) -> float:
 def python_echo_worker(address: str) -> None:
     """A worker in plain Python: RESULT echoes the JOB body, sent with READY in one write."""
     from parallel_render import protocol as p
-    from parallel_render.client import connect
+    from parallel_render.client import open_connection
 
-    sock = connect(p.parse_address(address))
+    sock = open_connection(p.parse_address(address), p.ROLE_WORKER, p.encode(p.READY))
     sock.settimeout(None)
-    sock.sendall(p.encode(p.HELLO, payload=bytes([p.ROLE_WORKER])) + p.encode(p.READY))
     print("READY", flush=True)
     reader = p.FrameReader()
     ready = p.encode(p.READY)

@@ -22,10 +22,20 @@ class Command(BaseCommand):
             raise CommandError("No address: pass --listen or set PARALLEL_RENDER['ROUTER'].")
         binary = conf.fastrouter_binary()
         extra = list(options["extra"])
-        if address.startswith("tcp://") and "--auth-token-file" not in extra:
-            # Masters and workers of this site send a token derived from SECRET_KEY.
-            from parallel_render.cluster import private_socket_dir
-            from parallel_render.signing import write_token_file
+        from django.core.exceptions import ImproperlyConfigured
 
-            extra += ["--auth-token-file", write_token_file(private_socket_dir())]
+        from parallel_render.client import warn_if_exposed
+        from parallel_render.protocol import parse_address
+
+        try:
+            warn_if_exposed(parse_address(address))
+        except ImproperlyConfigured:
+            pass  # e.g. port 0: the router checks the address itself
+        if "--auth-key-file" not in extra and "--no-auth" not in extra:
+            # Masters and workers of this site prove the key derived from SECRET_KEY. The file
+            # stays (0600, in a private directory of this user): this process becomes the router.
+            from parallel_render import keys
+            from parallel_render.cluster import router_key_dir
+
+            extra += ["--auth-key-file", keys.write_router_key_file(router_key_dir(address), keys.key_file_name(address))]
         os.execv(binary, [binary, "--listen", address, *extra])
