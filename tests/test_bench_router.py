@@ -55,3 +55,15 @@ def test_table_names_every_measurement_and_the_command():
     assert "reproduce: python manage.py parallel_bench router" in text
     for needle in ("ping-pong", "RouterClient", "Redis lists", "batches of 16", "router CPU per job", "RSS"):
         assert needle in text, needle
+
+
+def test_a_missing_redis_package_says_what_to_install(monkeypatch):
+    import sys
+
+    from parallel_render.bench import BenchError
+    from parallel_render.bench.router import running_redis
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if it were not installed
+    with pytest.raises(BenchError, match=r"pip install redis"):
+        with running_redis():
+            pass

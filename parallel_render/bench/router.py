@@ -12,6 +12,7 @@ cmake into build/fastrouter-bench.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from parallel_render.bench import BenchError
 from parallel_render.bench.stats import summary, table
 
 HELP = "the fastrouter against the socket floor, Redis lists and the Python client"
@@ -37,10 +39,6 @@ BENCH_BUILD_DIR = SOURCE_DIR.parent / "build" / "fastrouter-bench"
 LOADS = (("1k", 1024, 1), ("1k_batched", 1024, 16), ("64k", 65536, 1), ("64k_batched", 65536, 16))
 MASTERS = 8
 WORKERS = 4
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 # -- binaries -------------------------------------------------------------------------------
@@ -249,6 +247,11 @@ def running_redis() -> Iterator[int]:
     server = shutil.which("redis-server")
     if not server:
         raise BenchError("redis-server is not installed (apt install redis-server); it is the comparison baseline")
+    if importlib.util.find_spec("redis") is None:
+        raise BenchError(
+            "the redis Python package is not installed (pip install redis, or pip install 'parallel_render[test]'); "
+            "the Redis baseline needs it"
+        )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
