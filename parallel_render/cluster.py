@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import select
 import subprocess
 import sys
@@ -44,7 +45,10 @@ def start_router(
     cmd = [binary, "--listen", address, "--parent-pid", str(os.getpid()), *args]
     key_file = None
     if "--auth-key-file" not in args and "--no-auth" not in args:
-        key_file = keys.write_router_key_file(key_dir or router_key_dir(address), keys.key_file_name(address))
+        # A name of its own: routers started at once for the same address text (tcp://...:0)
+        # must not read, or remove, each other's file.
+        name = f"router-{os.getpid()}-{secrets.token_hex(4)}.key"
+        key_file = keys.write_router_key_file(key_dir or router_key_dir(address), name)
         cmd += ["--auth-key-file", key_file]
     try:
         # Its own session: a Ctrl-C meant for the terminal's foreground group must not stop the
