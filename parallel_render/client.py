@@ -7,6 +7,7 @@ threads never steal each other's results.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import ipaddress
 import logging
@@ -56,7 +57,7 @@ def connect(address: p.Address, timeout: float = 1.0) -> socket.socket:
     sock.settimeout(timeout)
     try:
         sock.connect(target)
-    except OSError:
+    except BaseException:  # OSError, or a signal handler's SystemExit (a worker told to stop)
         sock.close()
         raise
     return sock
@@ -554,3 +555,18 @@ def get_client(address: str, max_payload: int = p.MAX_FRAME) -> RouterClient:
             client = _clients[address] = RouterClient(address, max_payload)
         client.max_payload = max_payload
         return client
+
+
+def close_client(address: str) -> None:
+    """Close and forget this process's client for address (its router is gone for good)."""
+    with _clients_lock:
+        client = _clients.pop(address, None) if _clients_pid == os.getpid() else None
+    if client is not None:
+        client.close()
+
+
+@atexit.register
+def _close_clients() -> None:
+    """A process that exits closes its connections (a gunicorn master's, say)."""
+    for address in list(_clients):
+        close_client(address)

@@ -214,6 +214,10 @@ class LocalCluster:
         if self._thread.is_alive():
             logger.error("the supervisor of the router at %s did not stop in %.0f s", self.address, grace + 20)
         self._thread = None
+        # This process's masters kept a connection to the router (client.get_client): it is gone.
+        from parallel_render.client import close_client
+
+        close_client(self.address)
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -61,6 +61,7 @@ class Worker:
         self.jobs_done = 0
         self.stopping = False
         self.busy = False
+        self.waiting = False  # blocked in a receive or a back-off pause: a stop signal ends it at once
         # Blocks nested in a job go out through this process's own master connection.
         self.nested_client = RouterClient(address) if nested else None
         self.pid = os.getpid()
@@ -70,7 +71,9 @@ class Worker:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
-        if not self.busy:
+        # Only a wait is cut short: elsewhere (a job, a connection being opened or closed) the
+        # loop stops at its next check, so no socket is left half closed.
+        if self.waiting:
             raise SystemExit(0)
 
     def run(self) -> None:
@@ -91,13 +94,13 @@ class Worker:
                     if str(exc) != self._handshake_error:
                         self._handshake_error = str(exc)
                         logger.error("worker %d: %s; not working for it (retrying)", self.pid, exc)
-                    time.sleep(backoff)
+                    self._pause(backoff)
                     backoff = min(backoff * 2, 1.0)
                     continue
                 except OSError as exc:
                     self._check_parent()
                     logger.debug("worker %d: router at %s not reachable (%s)", os.getpid(), self.address, exc)
-                    time.sleep(backoff)
+                    self._pause(backoff)
                     backoff = min(backoff * 2, 1.0)
                     continue
                 backoff = 0.05
@@ -114,6 +117,16 @@ class Worker:
                     return
         except SystemExit:
             return
+        finally:
+            if self.nested_client is not None:
+                self.nested_client.close()
+
+    def _pause(self, seconds: float) -> None:
+        self.waiting = True
+        try:
+            time.sleep(seconds)
+        finally:
+            self.waiting = False
 
     def beat(self, force: bool = False) -> None:
         """Touch the heartbeat file: we are connected and not stuck in a job."""
@@ -141,6 +154,7 @@ class Worker:
         buffer = bytearray(RECV_BUFFER)
         view = memoryview(buffer)
         while not self.stopping:
+            self.waiting = True
             try:
                 size = sock.recv_into(buffer)
             except BlockingIOError:  # SO_RCVTIMEO: nothing for a while
@@ -150,6 +164,8 @@ class Worker:
             except OSError as exc:
                 logger.warning("worker %d: router connection failed: %s", self.pid, exc)
                 return
+            finally:
+                self.waiting = False
             if not size:
                 logger.info("worker %d: router closed the connection", self.pid)
                 return

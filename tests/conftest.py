@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
+from django.db import connections
 
 from parallel_render.testing import parallel_workers
 
@@ -37,14 +39,26 @@ def rescued(response) -> list[str]:
     return re.findall(r'desc="[^"]* master render [\d.]+ms: ([^"]*)"', header)
 
 
+def thread(target, *args) -> threading.Thread:
+    """A thread that makes requests through Django's test client, and closes the database
+    connections it opened when it ends: the test client keeps Django from closing them after
+    each request, and one left to the garbage collector is a ResourceWarning."""
+
+    def run() -> None:
+        try:
+            target(*args)
+        finally:
+            connections.close_all()
+
+    return threading.Thread(target=run)
+
+
 def run_concurrently(fetch, clients: int = 20, rounds: int = 3, n: int = 6) -> list[str]:
     """Fetch /p/leak/ from many threads at once; return the pages that are not exactly their own.
 
     fetch(path) returns (body, server_timing). Each request carries a unique marker; its page
     must show that marker n + 1 times and no other request's.
     """
-    import threading
-
     bad: list[str] = []
     pids: set[int] = set()
 
@@ -57,7 +71,7 @@ def run_concurrently(fetch, clients: int = 20, rounds: int = 3, n: int = 6) -> l
             if expected not in body or f"title {marker}" not in body or len(re.findall(r"c\d+r\d+x", body)) != n + 1:
                 bad.append(body)
 
-    threads = [threading.Thread(target=one, args=(c,)) for c in range(clients)]
+    threads = [thread(one, c) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:

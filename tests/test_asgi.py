@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from asgiref.sync import sync_to_async
+from django.db import connections
 from django.test import AsyncClient
 
 from tests.conftest import block_pids
@@ -11,7 +13,12 @@ from tests.conftest import block_pids
 
 def fetch(path: str, **headers):
     async def go():
-        return await AsyncClient().get(path, **headers)
+        try:
+            return await AsyncClient().get(path, **headers)
+        finally:
+            # Sync views ran in asgiref's thread for sync code, which outlives the request; the
+            # test client keeps Django from closing their database connections: close them here.
+            await sync_to_async(connections.close_all)()
 
     return asyncio.run(go())
 

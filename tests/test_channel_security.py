@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -63,7 +64,7 @@ def test_the_router_key_file_holds_64_hex_characters_and_is_private(tmp_path):
     path = keys.write_router_key_file(str(tmp_path))
     info = os.lstat(path)
     assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.geteuid()
-    text = open(path).read()
+    text = Path(path).read_text()
     assert text == keys.router_auth_key().hex() + "\n" and len(text.strip()) == 64
     # Written again (a router restarting): a fresh file, never through a link someone left there.
     os.unlink(path)
@@ -588,7 +589,7 @@ def test_the_router_sees_only_ciphertext(transactional_db, monkeypatch, restore_
 def test_the_router_is_started_with_the_key_in_a_private_file_it_reads_once(address):
     with LocalCluster(0, address=address) as cluster:
         assert cluster.router is not None
-        argv = open(f"/proc/{cluster.router.pid}/cmdline", "rb").read().split(b"\0")
+        argv = Path(f"/proc/{cluster.router.pid}/cmdline").read_bytes().split(b"\0")
         path = argv[argv.index(b"--auth-key-file") + 1].decode()
         assert not os.path.exists(path)  # removed once the router had read it
         # Peers of this site get in; the router proved the key to them.
@@ -632,12 +633,12 @@ def test_the_fastrouter_command_gives_the_router_the_key_of_this_site(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout.readline().decode().strip() == f"READY {address}"
-        argv = open(f"/proc/{proc.pid}/cmdline", "rb").read().split(b"\0")
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         key_file = argv[argv.index(b"--auth-key-file") + 1].decode()
         assert os.path.dirname(key_file) == str(tmp_path)  # the socket's private directory
         info = os.lstat(key_file)
-        assert stat.S_IMODE(info.st_mode) == 0o600 and open(key_file).read().strip() == keys.router_auth_key().hex()
+        assert stat.S_IMODE(info.st_mode) == 0o600 and Path(key_file).read_text().strip() == keys.router_auth_key().hex()
         assert RouterClient(address).stats()["masters"] == 1  # this STATS connection: this site's peers get in
     finally:
         proc.terminate()
-        proc.wait(5)
+        proc.communicate(timeout=5)  # waits, and closes the pipe

@@ -16,7 +16,7 @@ from parallel_render import protocol as p
 from parallel_render.client import RouterClient, RouterLoad, open_connection
 from parallel_render.cluster import LocalCluster
 from parallel_render.testing import parallel_workers, serially
-from tests.conftest import block_pids, rescued, run_concurrently
+from tests.conftest import block_pids, rescued, run_concurrently, thread
 
 
 def load(**fields: int) -> RouterLoad:
@@ -140,6 +140,7 @@ def test_a_tcp_router_has_no_status_page():
 def test_a_queued_job_is_taken_back_and_a_started_one_is_not(router):
     client = RouterClient(router.address)
     hold = threading.Event()
+    worker = None
     try:
         a, b, c = (client.submit(name, 5.0) for name in (b"a", b"b", b"c"))
         deadline = time.monotonic() + 5
@@ -159,6 +160,8 @@ def test_a_queued_job_is_taken_back_and_a_started_one_is_not(router):
         assert (stats["withdrawn"], stats["withdraw_missed"]) == (2, 1)
     finally:
         hold.set()
+        if worker is not None:
+            worker.close()
         client.close()
 
 
@@ -265,7 +268,7 @@ def test_a_block_that_would_only_wait_renders_in_place_without_being_sent(unix_w
     client.get("/p/takeback/?sleep=0.02")  # these blocks cost 20 ms: their own average
     with serially():
         serial = client.get("/p/takeback/?sleep=0.02")
-    busy = threading.Thread(target=lambda: Client().get("/p/slow/?sleep=1"))
+    busy = thread(lambda: Client().get("/p/slow/?sleep=1"))
     busy.start()
     try:
         wait_for(lambda: router.load().idle == 0)

@@ -108,7 +108,7 @@ def test_fastrouter_command_runs_the_router(tmp_path):
         assert (sock.stat().st_mode & 0o777) == 0o600
     finally:
         proc.terminate()
-        proc.wait(5)
+        proc.communicate(timeout=5)  # waits, and closes the pipes
     assert not sock.exists()
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 from django.test import Client
 
 from parallel_render import conf
 from parallel_render.cluster import LocalCluster
-from tests.conftest import block_pids
+from tests.conftest import block_pids, thread
 
 SERIAL = {"HTTP_X_PARALLEL_RENDER": "serial"}
 
@@ -42,7 +41,7 @@ def test_one_worker_three_levels_under_load_never_deadlocks(transactional_db, mo
             for _ in range(5):
                 bodies.append(client.get("/p/nest3/?title=x&sleep=0.01").content)
 
-        threads = [threading.Thread(target=load) for _ in range(6)]
+        threads = [thread(load) for _ in range(6)]
         for t in threads:
             t.start()
         for t in threads:

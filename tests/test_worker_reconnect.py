@@ -11,6 +11,7 @@ from django.test import Client
 from parallel_render import conf
 from parallel_render.cluster import LocalCluster
 from parallel_render.testing import serially
+from tests.conftest import thread
 
 
 def _wait(predicate, timeout: float = 30.0) -> None:
@@ -49,7 +50,7 @@ def test_workers_reconnect_quietly_when_the_router_is_killed_mid_page(transactio
                 if response.status_code != 200 or response.content.count(b"<div>") != 4:
                     errors.append(f"{response.status_code} {response.content[:200]!r}")
 
-        threads = [threading.Thread(target=load) for _ in range(3)]
+        threads = [thread(load) for _ in range(3)]
         for t in threads:
             t.start()
         try:
