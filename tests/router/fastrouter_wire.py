@@ -8,12 +8,14 @@ started by the fixtures registers its key here under its address (`register_key`
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import os
 import select
 import socket
 import struct
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +233,23 @@ class Peer:
             if not self._fill(deadline) and not self.eof:
                 return False
         return True
+
+    def unread(self) -> int:
+        """Bytes this peer sent that the other end has not read yet (Linux SIOCOUTQ).
+
+        On a Unix socket the kernel keeps what was sent charged to the sender until the receiver
+        reads it, so 0 means the router has read everything. (On TCP it counts bytes not yet
+        acknowledged, which says nothing about the router; the tests use it on Unix sockets.)
+        """
+        assert self.sock.family == socket.AF_UNIX, "SIOCOUTQ tells what the router read only on a Unix socket"
+        return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+    def wait_read_by_router(self, timeout: float = 5.0) -> None:
+        """Waits until the router has read every byte this peer sent (and so acted on it)."""
+        deadline = time.monotonic() + timeout
+        while self.unread():
+            assert time.monotonic() < deadline, f"the router left {self.unread()} bytes unread for {timeout}s"
+            time.sleep(0.002)
 
     def close(self) -> None:
         self.sock.close()

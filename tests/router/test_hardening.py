@@ -95,7 +95,9 @@ def test_submit_during_drain_is_refused_and_workers_get_no_new_work(router):
     idle = ready_worker(router.address)
     wait_idle(router.address, 1)
     router.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.1)
+    # The drain begins by removing the socket file (PROTOCOL.md, Drain), in the same turn of the
+    # router's loop that starts refusing SUBMITs: once it is gone, the next SUBMIT is in the drain.
+    assert wait_for(lambda: not os.path.exists(router.sock_path), timeout=5), "the drain did not start"
     master.send(SUBMIT, job_id=2, payload=b"too late")
     assert master.expect(ERROR, 2).flags == SHUTDOWN
     idle.expect_nothing(0.1)
@@ -111,21 +113,26 @@ def test_stats_report_queue_wait_and_service_percentiles(router):
     master = Peer(router.address, MASTER)
     worker = ready_worker(router.address)
     wait_idle(router.address, 1)
-    # One worker, two jobs each taking ~40 ms: the second waits in the queue for the first.
+    # One worker, two jobs each taking at least 40 ms: the second waits in the queue for the
+    # first. The router can only bound what it measures from above by what the test saw from
+    # outside (SUBMIT sent to last RESULT received), so a slow machine widens both alike.
+    t0 = time.monotonic()
     for n in range(1, 3):
-        master.send(SUBMIT, job_id=n, payload=b"x", timeout_ms=5000)
+        master.send(SUBMIT, job_id=n, payload=b"x", timeout_ms=30_000)
     for _ in range(2):
-        job = worker.expect(JOB)
-        time.sleep(0.04)
+        job = worker.expect(JOB, timeout=10)
+        time.sleep(0.04)  # the point of the test: the worker takes 40 ms to render
         worker.send(RESULT, job_id=job.job_id, payload=b"y")
         worker.send(READY)
-    master.expect(RESULT)
-    master.expect(RESULT)
+    master.expect(RESULT, timeout=10)
+    master.expect(RESULT, timeout=10)
+    seen_us = (time.monotonic() - t0) * 1e6 * 17 / 16  # the percentiles are within 1/16
     s = stats(router.address)
-    assert 30_000 <= s["service_p50_us"] <= 400_000, s
-    assert s["service_p99_us"] >= s["service_p50_us"]
-    assert s["queue_wait_p50_us"] < 30_000, s  # the first job went straight to the idle worker
-    assert 30_000 <= s["queue_wait_p99_us"] <= 400_000, s
+    assert 40_000 * 15 / 16 <= s["service_p50_us"] <= s["service_p99_us"] <= seen_us, s
+    # The first job went straight to the idle worker (microseconds, in one turn of the loop);
+    # the second waited for the first job's 40 ms.
+    assert s["queue_wait_p50_us"] < 40_000 * 15 / 16, s
+    assert 40_000 * 15 / 16 <= s["queue_wait_p99_us"] <= seen_us, s
 
 
 # -- options ----------------------------------------------------------------------------------------
@@ -174,7 +181,7 @@ def test_truncated_header_then_hang_up(router):
 def test_truncated_payload_leaks_no_job(router):
     offender = Peer(router.address, MASTER)
     offender.send_raw(encode(SUBMIT, 1, b"x" * 5000)[:3000])
-    time.sleep(0.05)
+    offender.wait_read_by_router()
     assert stats(router.address)["queued"] == 0  # nothing is queued before the frame is whole
     offender.close()
     assert wait_for(lambda: stats(router.address)["connections"] == 1)  # the STATS peer itself
@@ -222,13 +229,14 @@ def test_half_closed_worker_holding_a_job_is_lost_at_once(router):
     master = Peer(router.address, MASTER)
     worker = ready_worker(router.address)
     wait_idle(router.address, 1)
-    master.send(SUBMIT, job_id=1, payload=b"x")
+    master.send(SUBMIT, job_id=1, payload=b"x", timeout_ms=30_000)
     worker.expect(JOB)
     t0 = time.monotonic()
     worker.sock.shutdown(socket.SHUT_WR)
-    err = master.expect(ERROR, 1)
+    err = master.expect(ERROR, 1, timeout=10)
     assert err.flags == WORKER_LOST
-    assert time.monotonic() - t0 < 0.5
+    # At once, not at the job's deadline (the bound is loose for a loaded machine).
+    assert time.monotonic() - t0 < 10
     round_trip(router.address)
 
 
