@@ -41,6 +41,24 @@ class Answer(NamedTuple):
         return p.TYPE_NAMES.get(self.type, str(self.type)).lower()
 
 
+class Outstanding(NamedTuple):
+    """The jobs a RouterClient still owes its callers, from RouterClient.outstanding().
+
+    Both are 0 whenever no page of this process is being rendered: every page collects (or
+    cancels) each block it sent before it is returned. A count that stays above 0 while the
+    process is idle means jobs are being left behind.
+    """
+
+    awaiting: int
+    """Jobs submitted and not answered by the router yet (queued, or being rendered)."""
+    uncollected: int
+    """Jobs the router has answered whose answer no caller has taken yet (collect())."""
+
+    @property
+    def total(self) -> int:
+        return self.awaiting + self.uncollected
+
+
 class HandshakeError(ConnectionError):
     """The router did not prove this site's key, or refused ours (with the router's reason)."""
 
@@ -354,6 +372,15 @@ class RouterClient:
             finally:
                 self._withdrawing.difference_update(asked)
                 self._not_taken.difference_update(asked)
+
+    def outstanding(self) -> Outstanding:
+        """How many jobs sent through this client are still to be answered or collected.
+
+        Safe to call from any thread (a health check, a test, a debugging session): it takes the
+        client's lock for a moment and never touches the socket.
+        """
+        with self._lock:
+            return Outstanding(len(self._pending.difference(self._answers)), len(self._answers))
 
     def load(self) -> RouterLoad | None:
         """The router's load from its status page (no syscall), or None where it publishes none."""

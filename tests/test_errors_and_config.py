@@ -173,7 +173,32 @@ def test_a_page_that_fails_after_sending_blocks_leaves_nothing_pending(parallel)
     with pytest.raises(ValueError, match="boom"):
         client.get("/p/raise_after/?n=5")
     router = get_client(conf.get_config()["ROUTER"])
-    assert not router._pending and not router._answers
+    assert router.outstanding() == (0, 0)
+
+
+def test_outstanding_counts_the_jobs_a_client_is_still_owed():
+    import time
+
+    from parallel_render import protocol as p
+    from parallel_render.client import RouterClient
+    from parallel_render.cluster import LocalCluster
+
+    # No workers: every job waits in the router's queue until its own deadline.
+    with LocalCluster(0) as cluster:
+        client = RouterClient(cluster.address)
+        try:
+            assert client.outstanding() == (0, 0)
+            slow = client.submit(b"job", 60.0)
+            quick = client.submit(b"job", 0.05)
+            assert client.outstanding() == (2, 0)
+            # Waiting for the slow job reads the quick job's TIMEOUT on the way and files it;
+            # the slow one is cancelled when the wait ends.
+            assert client.collect([slow], time.monotonic() + 2) == {}
+            assert client.outstanding() == (0, 1) and client.outstanding().total == 1
+            assert client.collect([quick], time.monotonic() + 2)[quick].type == p.TIMEOUT
+            assert client.outstanding() == (0, 0)
+        finally:
+            client.close()
 
 
 def test_a_timeout_that_is_no_positive_number_renders_as_serially(parallel, caplog):
