@@ -11,7 +11,7 @@ import orjson
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponse
 
-from parallel_render import conf, sealing, session
+from parallel_render import conf, sealing, session, signals
 from parallel_render import protocol as p
 from parallel_render.client import get_client
 
@@ -179,7 +179,8 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
                     continue
                 taken.add(job_id)
                 for f in jobs[job_id]:
-                    html[f.index], timing[f.index] = _render_here(f, "taken back", NOT_RENDERED, measure=True)
+                    html[f.index], timing[f.index] = _render_here(
+                        f, "taken back", NOT_RENDERED, current.request, measure=True)
             if any(outcome[job_id] is False for job_id in asked):
                 break  # that one is with a worker, so is every older one
             batch *= 2
@@ -203,14 +204,18 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
                 f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'
                 f'desc="{f.node.label} pid {result["pid"]} render {result["ms"]:.1f}ms{nested}"'
             )
+            if signals.block_finished.receivers:
+                total = (answer.received - f.submitted) * 1000
+                signals.send(f.node, "sent", "", current.request, index=f.index, queue_ms=max(total - result["ms"], 0.0),
+                             render_ms=result["ms"], total_ms=total, pid=result["pid"], nested=result.get("nested") or 0)
             continue
-        html[f.index], timing[f.index] = _render_here(f, why, kind)
+        html[f.index], timing[f.index] = _render_here(f, why, kind, current.request)
     timings = [timing[f.index] for f in fragments]
     timings.append(f'pr-wait;dur={waited * 1000:.1f};desc="waited for {len(fragments)} fragments"')
     return html, timings
 
 
-def _render_here(f: session.Pending, why: str, kind: str, measure: bool = False) -> tuple[str, str]:
+def _render_here(f: session.Pending, why: str, kind: str, request: Any, measure: bool = False) -> tuple[str, str]:
     """The block rendered by the master (or its fallback), and its Server-Timing entry.
 
     measure: the block rendered as a worker would have (taken back), so its time feeds the
@@ -221,6 +226,9 @@ def _render_here(f: session.Pending, why: str, kind: str, measure: bool = False)
     ms = (time.perf_counter() - started) * 1000
     if measure:
         f.node.observe(ms)
+    if signals.block_finished.receivers:
+        signals.send(f.node, "fallback" if f.node.stands_in(kind) else "rescued", why, request, index=f.index,
+                     render_ms=ms, total_ms=(time.monotonic() - f.submitted) * 1000)
     entry = (f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
              f'desc="{f.node.label} master render {ms:.1f}ms: {why[:100].replace(chr(34), chr(39))}"')
     return html, entry

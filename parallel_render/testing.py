@@ -21,6 +21,7 @@ from typing import Any
 
 from parallel_render import conf
 from parallel_render.cluster import LocalCluster
+from parallel_render.signals import BlockRecord, block_finished
 
 
 @contextlib.contextmanager
@@ -110,6 +111,27 @@ def parallel_workers(
             conf.get_config.cache_clear()
 
 
+@contextlib.contextmanager
+def capture_blocks() -> Iterator[list[BlockRecord]]:
+    """Collect the block_finished record of every block rendered in this process meanwhile.
+
+        with capture_blocks() as blocks:
+            response = client.get("/q/1/")
+        assert all(b.outcome == "sent" for b in blocks if b.request is response.wsgi_request)
+    """
+    records: list[BlockRecord] = []
+
+    def receive(sender: Any, record: BlockRecord, **kwargs: Any) -> None:
+        records.append(record)
+
+    uid = f"parallel_render.testing.capture_blocks.{id(records)}"
+    block_finished.connect(receive, weak=False, dispatch_uid=uid)
+    try:
+        yield records
+    finally:
+        block_finished.disconnect(dispatch_uid=uid)
+
+
 def worker_rendered(response: Any) -> list[int]:
     """Pids of the worker processes that rendered this response's blocks (from Server-Timing)."""
     return [int(pid) for pid in re.findall(r" pid (\d+)", response.headers.get("Server-Timing", ""))]
@@ -121,13 +143,10 @@ def assert_parallel_equals_serial(client: Any, path: str, require_parallel: bool
     With require_parallel, also fail when no block was rendered by a worker (a page that
     silently renders everything inline proves nothing). Returns the parallel response.
     """
-    from django.conf import settings
-    from django.test import override_settings
 
-    # Test runs turn DEBUG off; the per-block header is how we see who rendered what.
-    with override_settings(PARALLEL_RENDER={**(getattr(settings, "PARALLEL_RENDER", None) or {}), "SERVER_TIMING": True}):
-        with serially():
-            serial = client.get(path, **extra)
+    with serially():
+        serial = client.get(path, **extra)
+    with capture_blocks() as blocks:
         parallel = client.get(path, **extra)
     if serial.status_code != parallel.status_code:
         raise AssertionError(f"{path}: status {parallel.status_code} in parallel, {serial.status_code} serially")
@@ -138,7 +157,7 @@ def assert_parallel_equals_serial(client: Any, path: str, require_parallel: bool
             f"{path}: the parallel page differs from the serial page at character {at}:\n"
             f"  serial:   {a[max(0, at - 60):at + 60]!r}\n  parallel: {b[max(0, at - 60):at + 60]!r}"
         )
-    if require_parallel and not worker_rendered(parallel):
+    if require_parallel and not any(b.outcome == "sent" for b in blocks):
         raise AssertionError(
             f"{path}: no block was rendered by a worker; run `manage.py parallel_check --url {path}` to see why"
         )

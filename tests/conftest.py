@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Iterator
 
 import pytest
 from django.db import connections
 
-from parallel_render.testing import parallel_workers
+from parallel_render.signals import BlockRecord
+from parallel_render.testing import capture_blocks, parallel_workers
 
 
 @pytest.fixture(scope="session")
@@ -28,15 +30,39 @@ def parallel(cluster, transactional_db):
     return cluster
 
 
+# Every block_finished record this process sent during the current test (see blocks()).
+_records: list[BlockRecord] = []
+
+
+@pytest.fixture(autouse=True)
+def blocks() -> Iterator[list[BlockRecord]]:
+    """What became of every block rendered in this process during the test (block_finished)."""
+    global _records
+    with capture_blocks() as records:
+        _records = records
+        try:
+            yield records
+        finally:
+            _records = []
+
+
+def blocks_of(response) -> list[BlockRecord]:
+    """The block_finished records of the blocks of this test-client response's page, in page order
+    (blocks sent to workers by their place in the render session, the others where they were reported)."""
+    request = getattr(response, "wsgi_request", None) or getattr(response, "asgi_request", None)
+    assert request is not None, "blocks_of() needs a response of Django's test client"
+    records = [r for r in _records if r.request is request]
+    return sorted(records, key=lambda r: -1 if r.index is None else r.index)
+
+
 def block_pids(response) -> list[int]:
-    """The pid of the process that rendered each parallel block, from Server-Timing."""
-    header = response.headers.get("Server-Timing", "")
-    return [int(pid) for pid in re.findall(r'pid (\d+)', header)]
+    """The pid of the worker that rendered each block of the page that a worker rendered."""
+    return [r.pid for r in blocks_of(response) if r.outcome == "sent"]
 
 
 def rescued(response) -> list[str]:
-    header = response.headers.get("Server-Timing", "")
-    return re.findall(r'desc="[^"]* master render [\d.]+ms: ([^"]*)"', header)
+    """Why the master rendered each block it had sent (itself, or its fallback)."""
+    return [r.reason for r in blocks_of(response) if r.outcome in ("rescued", "fallback")]
 
 
 def thread(target, *args) -> threading.Thread:

@@ -10,7 +10,7 @@ import time
 import pytest
 from django.test import Client
 
-from tests.conftest import block_pids, rescued, run_concurrently
+from tests.conftest import block_pids, blocks_of, rescued, run_concurrently
 from tests.testapp.models import Article, Author, Tag
 
 SERIAL = {"HTTP_X_PARALLEL_RENDER": "serial"}
@@ -76,7 +76,7 @@ def test_timeout_shows_the_fallback(parallel):
     response = Client().get("/p/timeout/?sleep=2&title=T")
     assert time.monotonic() - started < 1.5
     assert response.content.decode().strip() == "<p>FALLBACK T</p>"
-    assert rescued(response) == ["timed out"]
+    assert [(r.outcome, r.reason) for r in blocks_of(response)] == [("fallback", "timed out")]
 
 
 def test_killed_worker_still_yields_the_complete_page(parallel):

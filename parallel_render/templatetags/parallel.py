@@ -14,7 +14,7 @@ from django.conf import settings
 from django.template import Context, Node, NodeList, TemplateSyntaxError
 from django.template.base import FilterExpression, Variable, token_kwargs
 
-from parallel_render import analysis, codec, conf, policy, sealing, session
+from parallel_render import analysis, codec, conf, policy, sealing, session, signals
 from parallel_render.client import RouterUnavailable
 from parallel_render.fragments import capture_env, engine_alias, render_captured
 
@@ -92,7 +92,7 @@ class ParallelNode(Node):
     def render(self, context: Context) -> str:
         current = session.current()
         if current is None:
-            return self.render_inline(context)
+            return self._render_here(context, signals.NO_SESSION, getattr(context, "request", None))
         config = conf.get_config()
         threshold = config["MIN_BLOCK_MS"]
         if threshold and self.cost_ms is not None and self.cost_ms < threshold:
@@ -153,21 +153,42 @@ class ParallelNode(Node):
         return current.placeholder(index)
 
     def _render_measured(self, current: session.RenderSession, context: Context, reason: str) -> str:
-        started = time.perf_counter()
-        html = self.render_inline(context)
-        self.observe((time.perf_counter() - started) * 1000)
         current.inline.append((self.label, reason))
+        return self._render_here(context, reason, current.request, measure=True)
+
+    def _render_here(self, context: Context, reason: str, request: Any, measure: bool = False) -> str:
+        """Render the block in place (never sent), and report it to block_finished receivers.
+
+        measure: its time feeds the block's cost model (observe()).
+        """
+        report = signals.block_finished.receivers
+        if not report and not measure:
+            return self.render_inline(context)
+        started = time.perf_counter()
+        html, failure = self._render_inline(context)
+        ms = (time.perf_counter() - started) * 1000
+        if measure:
+            self.observe(ms)
+        if report:
+            if failure is None:
+                signals.send(self, "inline", reason, request, render_ms=ms)
+            else:
+                signals.send(self, "fallback", f"failed: {type(failure).__name__}: {failure}", request, render_ms=ms)
         return html
 
     def render_inline(self, context: Context) -> str:
         """Render the block here, exactly as it would render without the plugin."""
+        return self._render_inline(context)[0]
+
+    def _render_inline(self, context: Context) -> tuple[str, Exception | None]:
+        """The block rendered here, and the failure its {% fallback %} stands in for (if it did)."""
         try:
-            return self._render_list(self.nodelist, context)
-        except Exception:
+            return self._render_list(self.nodelist, context), None
+        except Exception as exc:
             if self.fallback is None or settings.DEBUG:
                 raise
             logger.exception("block %s failed; rendering its {%% fallback %%}", self.label)
-            return self._render_list(self.fallback, context)
+            return self._render_list(self.fallback, context), exc
 
     def _render_list(self, nodelist: NodeList, context: Context) -> str:
         # Without `with`, the block is no scope at all: it renders as if the tag were absent.
@@ -187,14 +208,17 @@ class ParallelNode(Node):
         error page shows the real exception (and without a fallback the page fails as it
         would serially). A block that was never rendered is simply rendered here.
         """
-        use_fallback = kind == "timed out" or (kind == "failed" and not settings.DEBUG)
-        if self.fallback is not None and use_fallback:
+        if self.stands_in(kind):
             logger.warning("block %s: %s; rendering its {%% fallback %%}", self.label, why)
             return render_captured(self, pending.template, pending.values, pending.env, fallback=True)
         # A block nobody rendered (no idle worker for a nested block, a full queue) is routine.
         log = logger.warning if kind != "not rendered" else logger.info
         log("block %s: %s; rendering it here", self.label, why)
         return render_captured(self, pending.template, pending.values, pending.env)
+
+    def stands_in(self, kind: str) -> bool:
+        """Whether rescue() renders the {% fallback %} for a block that came back this kind."""
+        return self.fallback is not None and (kind == "timed out" or (kind == "failed" and not settings.DEBUG))
 
     def resolve_timeout(self, context: Context) -> float:
         """The block's timeout=, or the TIMEOUT setting when it is absent or not a positive number.
@@ -222,7 +246,7 @@ class ParallelNode(Node):
         if reason not in self._logged:
             self._logged.add(reason)
             (logger.info if warn else logger.debug)("block %s renders inline: %s", self.label, reason)
-        return self.render_inline(context)
+        return self._render_here(context, reason, current.request)
 
     # -- analysis -------------------------------------------------------------------------
 
