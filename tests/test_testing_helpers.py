@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.test import Client
 
@@ -70,7 +72,10 @@ def test_in_process_commands_work_on_a_site_that_does_not_allow_testserver(paral
 
     with override_settings(ALLOWED_HOSTS=["example.com"], DEBUG=False):
         call_command("parallel_check", "--url", "/p/exact/", no_color=True)
-        assert "parallel" in capsys.readouterr().out
+        rendered = capsys.readouterr().out.split("rendering /p/exact/\n", 1)[1]
+        # The blocks the page sends, each reported as sent (the dry run takes every job).
+        assert re.search(r"^  t/exact\.html:6 +parallel  \(x5\)$", rendered, re.M), rendered
+        assert "inline" not in rendered, rendered
         call_command("parallel_bench", "page", "/p/exact/", "--requests", "2")
         assert "speed-up" in capsys.readouterr().out
 
