@@ -64,6 +64,21 @@ fi
 echo "== ruff"
 "$PYTHON" -m ruff check .
 
+echo "== docs: mkdocs build --strict (into build/site)"
+# The docs extra, read from pyproject.toml (the one list of it), then the site: a broken link
+# or anchor, or a nav entry without its page, fails the build.
+mapfile -t docs_deps < <("$PYTHON" - <<'PY'
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+with open("pyproject.toml", "rb") as f:
+    print("\n".join(tomllib.load(f)["project"]["optional-dependencies"]["docs"]))
+PY
+)
+"$PYTHON" -m pip install -q --disable-pip-version-check "${docs_deps[@]}"
+"$PYTHON" -m mkdocs build --strict --site-dir build/site
+
 echo "== pytest"
 "$PYTHON" -m pytest -q --ignore=tests/router "$@"
 
