@@ -51,6 +51,9 @@ DEFAULTS: dict[str, Any] = {
     # password and a session's key and data never do; a model can also list its own in a
     # PARALLEL_RENDER_SENSITIVE_FIELDS class attribute). A block that reads one renders inline.
     "SENSITIVE_FIELDS": [],
+    # Where a node (runparallel) serves Prometheus metrics: a port on 127.0.0.1, or "host:port";
+    # None serves none (parallel_render.metrics.views.metrics still can). Needs the [metrics] extra.
+    "METRICS_PORT": None,
     # Path of the fastrouter binary; None finds the one installed with the package.
     "FASTROUTER_BINARY": None,
 }
