@@ -13,7 +13,7 @@ import os
 
 from parallel_render.layout import plan as _plan
 from parallel_render.node import NodeOptions as _NodeOptions
-from parallel_render.node import on_starting, post_fork, pre_fork  # noqa: F401 (gunicorn hooks)
+from parallel_render.node import child_exit, on_starting, post_fork, pre_fork  # noqa: F401 (gunicorn hooks)
 
 bind = os.environ.get("PARALLEL_RENDER_NODE_BIND", "127.0.0.1:8000")
 workers = _plan(workers=_NodeOptions.from_env().workers).masters

@@ -117,6 +117,7 @@ def run_node(gunicorn_args: list[str], masters: int | None = None, options: Node
         layout.workers, env=env, address=options.router or _configured_router(), max_jobs=options.max_jobs,
         stuck_timeout=options.stuck_timeout, max_memory_mb=options.max_memory_mb, layout=layout, grace=options.grace,
         arbiter=[sys.executable, "-m", "gunicorn", *gunicorn_args], arbiter_env=options.to_env(),
+        **metrics_options(),
     )
     _close_db_connections()
     # Handlers first: a SIGTERM during start-up is queued, and drains the node once it runs.
@@ -129,6 +130,35 @@ def run_node(gunicorn_args: list[str], masters: int | None = None, options: Node
                 os.getpid(), supervisor.address, router.pid if router else 0, supervisor.worker_pids,
                 supervisor.arbiter.pid if supervisor.arbiter else 0, supervisor.dir.path if supervisor.dir else "-")
     return supervisor.run()
+
+
+def metrics_options() -> dict[str, Any]:
+    """The node's Prometheus set-up: a multiprocess directory for every process when the site
+    counts blocks (parallel_render.metrics in INSTALLED_APPS) or asks for a metrics port, and
+    the port's server (PARALLEL_RENDER["METRICS_PORT"])."""
+    import importlib.util
+
+    from django.apps import apps
+    from django.core.exceptions import ImproperlyConfigured
+
+    port = conf.get_config()["METRICS_PORT"]
+    counting = apps.is_installed("parallel_render.metrics")
+    if not counting and port is None:
+        return {}
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ImproperlyConfigured(
+            "parallel_render metrics (METRICS_PORT or parallel_render.metrics in INSTALLED_APPS) need "
+            "prometheus_client: pip install \"parallel_render[metrics]\""
+        )
+    bind = None
+    if port is not None:
+        from parallel_render.metrics.server import parse_bind
+
+        bind = parse_bind(port)
+        if not counting:
+            logger.warning("METRICS_PORT is set but parallel_render.metrics is not in INSTALLED_APPS: the port "
+                           "shows the router's STATS only, no block counts")
+    return {"metrics": bind, "metrics_dir": True}
 
 
 def _configured_router() -> str | None:
@@ -161,6 +191,14 @@ def pre_fork(server: Any, worker: Any) -> None:
     _close_db_connections()
     used = {getattr(w, "parallel_render_slot", None) for w in server.WORKERS.values()}
     worker.parallel_render_slot = next(i for i in range(len(used) + 1) if i not in used)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Arbiter, a master has exited: its live Prometheus gauges go with it (its counters stay)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from parallel_render.metrics import process_exited
+
+        process_exited(worker.pid)
 
 
 def post_fork(server: Any, worker: Any) -> None:

@@ -62,6 +62,8 @@ CHECK_EVERY = 0.25  # heartbeats
 MEMORY_EVERY = 1.0
 # gunicorn's own "halt" exit codes: restarting would fail the same way.
 HALT_CODES = {3: "a master failed to boot", 4: "the WSGI application failed to load"}
+# prometheus_client's multiprocess directory, set for every child when metrics are on.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Set in the arbiter's environment: the pid of the supervisor it must die with.
 SUPERVISOR_ENV = "PARALLEL_RENDER_NODE_SUPERVISOR"
 
@@ -138,7 +140,7 @@ class Child:
     """One process we started, and what we know and asked of it."""
 
     def __init__(self, kind: str, proc: subprocess.Popen, now: float, slot: int = 0, heartbeat: str | None = None) -> None:
-        self.kind = kind  # "router", "worker" or "arbiter"
+        self.kind = kind  # "router", "worker", "arbiter" or "metrics"
         self.proc = proc
         self.slot = slot
         self.heartbeat = heartbeat
@@ -163,6 +165,8 @@ class Child:
             return f"worker {self.pid} (slot {self.slot})"
         if self.kind == "router":
             return f"fastrouter (pid {self.pid})"
+        if self.kind == "metrics":
+            return f"metrics server (pid {self.pid})"
         return f"gunicorn arbiter (pid {self.pid})"
 
 
@@ -185,6 +189,8 @@ class Supervisor:
         grace: float = 10.0,
         arbiter: Sequence[str] | None = None,
         arbiter_env: dict[str, str] | None = None,
+        metrics: tuple[str, int] | None = None,
+        metrics_dir: bool = False,
     ) -> None:
         from parallel_render import conf
 
@@ -204,9 +210,14 @@ class Supervisor:
         self.env = dict(env)
         self.arbiter_command = list(arbiter) if arbiter else None
         self.arbiter_env = dict(arbiter_env or {})
+        # Prometheus (parallel_render.metrics): where a metrics server listens, and whether the
+        # children share one multiprocess directory (in the private directory) to count in.
+        self.metrics_bind = metrics
+        self.metrics_dir: str | None = None
+        self._want_metrics_dir = metrics_dir or metrics is not None
         self.dir: PrivateDir | None = None
         self.children: list[Child] = []
-        self.restarts = {"router": 0, "worker": 0, "arbiter": 0, "stuck": 0, "memory": 0}
+        self.restarts = {"router": 0, "worker": 0, "arbiter": 0, "metrics": 0, "stuck": 0, "memory": 0}
         self.delay: dict[object, float] = {}  # current restart delay, per router / slot / arbiter
         self.exit_code = 0
         self.stopping = False
@@ -294,12 +305,18 @@ class Supervisor:
             if not self.requested_address:
                 self.requested_address = f"unix://{self.dir.path}/router.sock"
             self.address = self.requested_address
+            if self._want_metrics_dir:
+                self.metrics_dir = os.path.join(self.dir.path, "metrics")
+                os.mkdir(self.metrics_dir, 0o700)
+                self.env[METRICS_DIR_ENV] = self.metrics_dir
             now = time.monotonic()
             self._start_router(now, first=True)
             for slot in range(self.workers):
                 self._spawn_worker(slot, now)
             if self.arbiter_command:
                 self._spawn_arbiter(now)
+            if self.metrics_bind:
+                self._spawn_metrics(now)
         except BaseException:
             self._cleanup()
             raise
@@ -328,6 +345,7 @@ class Supervisor:
             self._keep_router(now)
             self._fill(now)
             self._keep_arbiter(now)
+            self._keep_metrics(now)
             self._retire(now)
         self._escalate(time.monotonic())
 
@@ -393,8 +411,8 @@ class Supervisor:
         self.stopping = True
         logger.info("stopping (%s): the router stops taking jobs and finishes those in flight, workers finish "
                     "their job, masters their requests; a second SIGTERM or SIGINT stops at once", why)
-        order = {"router": 0, "worker": 1, "arbiter": 2}
-        grace = {"router": ROUTER_GRACE, "worker": self.grace, "arbiter": ARBITER_GRACE}
+        order = {"router": 0, "worker": 1, "arbiter": 2, "metrics": 3}
+        grace = {"router": ROUTER_GRACE, "worker": self.grace, "arbiter": ARBITER_GRACE, "metrics": FAST_GRACE}
         for c in sorted(self.children, key=lambda c: order[c.kind]):
             if not c.stop_sent:
                 c.stop_sent = True
@@ -437,6 +455,11 @@ class Supervisor:
         if c.heartbeat:
             with contextlib.suppress(OSError):
                 os.unlink(c.heartbeat)
+        if c.kind == "worker" and self.metrics_dir:
+            # Its counters stay (a scrape adds them up); its live gauges go with it.
+            from parallel_render.metrics import process_exited
+
+            process_exited(c.pid, self.metrics_dir)
 
     def _exited(self, c: Child, ended: Exit, now: float) -> None:
         lived = now - c.started
@@ -557,6 +580,25 @@ class Supervisor:
         self._due.pop("arbiter", None)
         self._add(Child("arbiter", proc, now))
 
+    def _spawn_metrics(self, now: float) -> None:
+        import sys
+
+        from parallel_render import conf
+
+        assert self.metrics_bind
+        host, port = self.metrics_bind
+        env = {**self.env, conf.ENV_ROUTER: self.address}
+        command = [sys.executable, "-m", "parallel_render.metrics.server", host, str(port), str(os.getpid())]
+        proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._due.pop("metrics", None)
+        self._add(Child("metrics", proc, now))
+
+    def _keep_metrics(self, now: float) -> None:
+        if self.metrics_bind and not self._of("metrics") and self._is_due("metrics", now):
+            self.restarts["metrics"] += 1
+            self._spawn_metrics(now)
+            logger.info("%s started", self._of("metrics")[0])
+
     def _add(self, c: Child) -> None:
         self.children.append(c)
         if c.fd is not None and self._selector is not None:
@@ -659,7 +701,8 @@ class Supervisor:
 def _what(key: object) -> str:
     if isinstance(key, tuple):
         return f"worker slot {key[1]}"
-    return {"router": "the fastrouter", "arbiter": "gunicorn's arbiter"}.get(str(key), str(key))
+    return {"router": "the fastrouter", "arbiter": "gunicorn's arbiter", "metrics": "the metrics server"}.get(
+        str(key), str(key))
 
 
 def _rss_mb(pid: int) -> float:

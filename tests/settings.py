@@ -89,3 +89,9 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"parallel_render": {"handlers": ["console"], "level": "WARNING"}},
 }
+
+# PR_TEST_METRICS_PORT: a node started by tests/test_metrics.py counts its blocks for Prometheus
+# and serves them on this port.
+if os.environ.get("PR_TEST_METRICS_PORT"):
+    INSTALLED_APPS.append("parallel_render.metrics")
+    PARALLEL_RENDER["METRICS_PORT"] = int(os.environ["PR_TEST_METRICS_PORT"])

@@ -1,5 +1,6 @@
 from django.urls import path
 
+from parallel_render.metrics.views import metrics
 from tests.testapp import views
 
 urlpatterns = [
@@ -8,6 +9,7 @@ urlpatterns = [
     path("gen/<str:name>", views.generated, name="generated"),
     path("form/", views.form_view, name="form"),
     path("json/", views.json_view, name="json"),
+    path("metrics/", metrics, name="metrics"),
     path("json_of_render/", views.json_of_render, name="json_of_render"),
     path("effects/", views.effects, name="effects"),
     path("p/<str:name>/", views.page, name="page"),
