@@ -93,7 +93,7 @@ echo "== pytest"
 # PARALLEL_RENDER_MATRIX=0 skips the matrix.
 matrix_ignore=(--ignore=tests/router --ignore=tests/test_node.py --ignore=tests/test_runserver.py
   --ignore=tests/test_scaleout.py --ignore=tests/test_bench_load.py --ignore=tests/test_bench_router.py
-  --ignore=tests/test_demo_browser.py)
+  --ignore=tests/test_demo_browser.py --ignore=tests/test_metrics.py)
 
 python_version_is() {  # python_version_is PYTHON 3.10
   "$1" -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$2'.split('.'))))" 2>/dev/null
