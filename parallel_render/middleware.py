@@ -104,6 +104,7 @@ def stitch(current: session.RenderSession, response: HttpResponse) -> None:
     if getattr(response, "streaming", False):
         if current.html:
             logger.error("a streaming response cannot be stitched; its blocks may be missing")
+        report_stitched(current)
         return
     if b"<!--pr:" in response.content:
         charset = response.charset
@@ -112,6 +113,7 @@ def stitch(current: session.RenderSession, response: HttpResponse) -> None:
         response.content = content
         if response.has_header("Content-Length"):
             response.headers["Content-Length"] = str(len(content))
+    report_stitched(current)
     if current.timings and server_timing_enabled():
         existing = response.headers.get("Server-Timing")
         response.headers["Server-Timing"] = ", ".join(([existing] if existing else []) + current.timings)
@@ -142,10 +144,17 @@ def stitch_text(current: session.RenderSession, text: str) -> str:
     """A render's output with every block it sent in place (a worker stitching the blocks
     nested in the one it rendered, or any render through the template backend)."""
     resolve(current)
-    if "<!--pr:" not in text:
-        return text
-    html = current.html
-    return current.text_pattern().sub(lambda m: html.get(int(m.group(1)), m.group(0)), text)
+    if "<!--pr:" in text:
+        html = current.html
+        text = current.text_pattern().sub(lambda m: html.get(int(m.group(1)), m.group(0)), text)
+    report_stitched(current)
+    return text
+
+
+def report_stitched(current: session.RenderSession) -> None:
+    """Send the block_finished records gather() held back, now that their blocks are in the page."""
+    if current.held:
+        signals.send_stitched(current.held, (time.monotonic() - current.started) * 1000)
 
 
 def gather(current: session.RenderSession, fragments: list[session.Pending]) -> tuple[dict[int, str], list[str]]:
@@ -180,7 +189,7 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
                 taken.add(job_id)
                 for f in jobs[job_id]:
                     html[f.index], timing[f.index] = _render_here(
-                        f, "taken back", NOT_RENDERED, current.request, measure=True)
+                        f, "taken back", NOT_RENDERED, current, measure=True)
             if any(outcome[job_id] is False for job_id in asked):
                 break  # that one is with a worker, so is every older one
             batch *= 2
@@ -207,15 +216,19 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
             if signals.block_finished.receivers:
                 total = (answer.received - f.submitted) * 1000
                 signals.send(f.node, "sent", "", current.request, index=f.index, queue_ms=max(total - result["ms"], 0.0),
-                             render_ms=result["ms"], total_ms=total, pid=result["pid"], nested=result.get("nested") or 0)
+                             render_ms=result["ms"], total_ms=total, pid=result["pid"], nested=result.get("nested") or 0,
+                             **_time_line(current, f, _worker_began(f, decoded, answer.received, result["ms"])),
+                             later=current.held)
             continue
-        html[f.index], timing[f.index] = _render_here(f, why, kind, current.request)
+        html[f.index], timing[f.index] = _render_here(f, why, kind, current)
     timings = [timing[f.index] for f in fragments]
     timings.append(f'pr-wait;dur={waited * 1000:.1f};desc="waited for {len(fragments)} fragments"')
     return html, timings
 
 
-def _render_here(f: session.Pending, why: str, kind: str, request: Any, measure: bool = False) -> tuple[str, str]:
+def _render_here(
+    f: session.Pending, why: str, kind: str, current: session.RenderSession, measure: bool = False
+) -> tuple[str, str]:
     """The block rendered by the master (or its fallback), and its Server-Timing entry.
 
     measure: the block rendered as a worker would have (taken back), so its time feeds the
@@ -227,11 +240,34 @@ def _render_here(f: session.Pending, why: str, kind: str, request: Any, measure:
     if measure:
         f.node.observe(ms)
     if signals.block_finished.receivers:
-        signals.send(f.node, "fallback" if f.node.stands_in(kind) else "rescued", why, request, index=f.index,
-                     render_ms=ms, total_ms=(time.monotonic() - f.submitted) * 1000)
+        signals.send(f.node, "fallback" if f.node.stands_in(kind) else "rescued", why, current.request, index=f.index,
+                     render_ms=ms, total_ms=(time.monotonic() - f.submitted) * 1000,
+                     **_time_line(current, f, time.monotonic() - ms / 1000), later=current.held)
     entry = (f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
              f'desc="{f.node.label} master render {ms:.1f}ms: {why[:100].replace(chr(34), chr(39))}"')
     return html, entry
+
+
+def _time_line(current: session.RenderSession, f: session.Pending, render_began: float) -> dict[str, float | None]:
+    """Where a block sits on the page's time line, in ms from the render session's start
+    (signals.BlockRecord): its start, its submit and its render's start."""
+    origin = current.started
+    return {"start_ms": (f.began - origin) * 1000 if f.began else None,
+            "submit_ms": (f.submitted - f.began) * 1000 if f.began else None,
+            "render_start_ms": (render_began - origin) * 1000}
+
+
+def _worker_began(f: session.Pending, decoded: dict[int, dict | str], received: float, ms: float) -> float:
+    """When f's worker began rendering it: the time.monotonic() its result reports (the
+    clock the machine's processes share; after the blocks before it in a bundle), or, from a
+    worker whose clock is not this one, its render's length before the answer arrived."""
+    job = decoded.get(f.job_id)
+    at = job.get("at") if isinstance(job, dict) else None
+    if isinstance(at, (int, float)) and f.part is not None:
+        at += sum(part.get("ms") or 0 for part in job.get("bundle", [])[:f.part] if isinstance(part, dict))
+    if isinstance(at, (int, float)) and f.submitted <= at <= received:
+        return at
+    return received - ms / 1000
 
 
 # Why a fragment came back without HTML. The block's {% fallback %} stands in for a block that

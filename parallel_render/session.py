@@ -33,6 +33,8 @@ class Pending:
     # identity and expiry is this job's answer.
     identity: bytes = b""
     expiry_ms: int = 0
+    # time.monotonic() when its tag began rendering; 0.0 unless block_finished has receivers.
+    began: float = 0.0
 
 
 @dataclass
@@ -56,6 +58,8 @@ class RenderSession:
     html: dict[int, str] = field(default_factory=dict)
     timings: list[str] = field(default_factory=list)
     resolved: int = 0
+    # block_finished records of gathered blocks, sent once their HTML is in the page.
+    held: list = field(default_factory=list)
     # False for a dry run (parallel_check --url): renders leave their placeholders.
     stitch: bool = True
 

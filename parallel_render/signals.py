@@ -29,7 +29,7 @@ outcome (parallel_render.middleware.abandon cancels them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from django.dispatch import Signal
@@ -55,6 +55,16 @@ class BlockRecord:
     rendering of the blocks before it in its job). For a block the master rendered, `render_ms`
     is the master's render of it (inline, rescued or its fallback), `total_ms` (rescued and
     fallback only) runs from its submit to the end of that render, and `queue_ms` is None.
+
+    Where the block sits on the page's time line (a waterfall), in ms from the render
+    session's start (the middleware opening it, just before the view runs); None where
+    unknown (no render session: a serial request): `start_ms` when the master began the block
+    (its tag's render); `submit_ms` how long the master spent sending it (reading and
+    encoding its values, until the job went to the router); `render_start_ms` when its render
+    began (in its worker, on the clock the machine's processes share; else in the master);
+    `stitched_ms` when its HTML was in the page (the end of the pass that replaced its
+    placeholder; None for an inline block, rendered in place). A block's queue wait is
+    `render_start_ms - start_ms - submit_ms`.
     """
 
     outcome: Outcome
@@ -69,6 +79,10 @@ class BlockRecord:
     pid: int | None  # the worker that rendered it ("sent" only)
     nested: int  # blocks nested in it that the worker sent to other workers
     request: Any  # the HttpRequest whose page it belongs to; None in a worker
+    start_ms: float | None = None
+    submit_ms: float | None = None
+    render_start_ms: float | None = None
+    stitched_ms: float | None = None
 
     @property
     def label(self) -> str:
@@ -88,10 +102,27 @@ def send(
     total_ms: float | None = None,
     pid: int | None = None,
     nested: int = 0,
+    start_ms: float | None = None,
+    submit_ms: float | None = None,
+    render_start_ms: float | None = None,
+    later: list[tuple[Any, BlockRecord]] | None = None,
 ) -> None:
-    """Build the block's record and send block_finished. Callers test `block_finished.receivers` first."""
+    """Build the block's record and send block_finished. Callers test `block_finished.receivers` first.
+
+    later: keep the record there instead, for send_stitched() once the block is in the page.
+    """
     record = BlockRecord(
         outcome, reason, node.template_name, node.line, f"{node.template_name or '<string>'}#{node.ordinal}:{node.digest}",
-        index, queue_ms, render_ms, total_ms, pid, nested, request,
+        index, queue_ms, render_ms, total_ms, pid, nested, request, start_ms, submit_ms, render_start_ms,
     )
-    block_finished.send(sender=node, record=record)
+    if later is not None:
+        later.append((node, record))
+    else:
+        block_finished.send(sender=node, record=record)
+
+
+def send_stitched(held: list[tuple[Any, BlockRecord]], stitched_ms: float | None) -> None:
+    """Send the records send(later=held) kept, now that their blocks are in the page."""
+    records, held[:] = list(held), []
+    for node, record in records:
+        block_finished.send(sender=node, record=replace(record, stitched_ms=stitched_ms))

@@ -203,7 +203,7 @@ class Worker:
             refusal = {"ok": False, "master_only": True, "n": None, "pid": self.pid, "ms": 0.0,
                        "error": f"the worker refused the job: {exc.kind}"}
             return self.seal.seal(sealing.KIND_RESULT, job.identity, job.expiry_ms, orjson.dumps(refusal))
-        started = time.perf_counter()
+        started, at = time.perf_counter(), time.monotonic()
         signals.request_started.send(sender=self.__class__)
         try:
             try:
@@ -222,6 +222,8 @@ class Worker:
         finally:
             signals.request_finished.send(sender=self.__class__)
         result["pid"] = self.pid
+        # When it began, on the clock the machine's processes share: the master's waterfall.
+        result["at"] = at
         # A block's own "ms" is its rendering (the master's cost model); a bundle's is the job's.
         result.setdefault("ms", (time.perf_counter() - started) * 1000)
         sealed = self.seal.seal(sealing.KIND_RESULT, job.identity, job.expiry_ms, orjson.dumps(result))

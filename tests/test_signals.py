@@ -33,6 +33,22 @@ def test_each_block_a_worker_rendered_is_reported_once_with_its_worker_and_times
         records[0].outcome = "inline"  # type: ignore[misc]
 
 
+def test_each_record_places_its_block_on_the_page_time_line(parallel):
+    response = Client().get("/p/slow/?sleep=0.02")
+    records = blocks_of(response)
+    assert [r.outcome for r in records] == ["sent"] * 4
+    # One pass stitched them all, after every worker's render had ended.
+    assert len({r.stitched_ms for r in records}) == 1
+    for r in records:
+        assert 0 <= r.start_ms and 0 <= r.submit_ms < 50, r
+        # The worker began after the master sent it (queue wait >= 0) and ended before the stitch.
+        assert r.start_ms + r.submit_ms <= r.render_start_ms, r
+        assert r.render_start_ms + r.render_ms <= r.stitched_ms, r
+    assert [r.start_ms for r in records] == sorted(r.start_ms for r in records)
+    serial = blocks_of(Client().get("/p/slow/?sleep=0", **SERIAL))
+    assert {(r.start_ms, r.submit_ms, r.render_start_ms, r.stitched_ms) for r in serial} == {(None,) * 4}
+
+
 def test_a_timed_out_block_is_reported_as_its_fallback(parallel):
     response = Client().get("/p/timeout/?sleep=2&title=T")
     assert response.content.decode().strip() == "<p>FALLBACK T</p>"
@@ -47,6 +63,8 @@ def test_blocks_kept_in_the_master_are_reported_inline_with_their_reason(paralle
     reasons = " | ".join(r.reason for r in inline)
     assert "inside {% filter %}" in reasons and "thing is a builtins.object" in reasons, reasons
     assert all(r.index is None and r.pid is None and r.render_ms is not None for r in inline)
+    # Rendered in place: it starts where its render does, and is in the page from then on.
+    assert all(r.start_ms >= 0 and r.render_start_ms == r.start_ms and r.submit_ms is r.stitched_ms is None for r in inline)
 
 
 def test_a_serial_request_reports_every_block_inline(parallel):

@@ -93,6 +93,7 @@ class ParallelNode(Node):
         current = session.current()
         if current is None:
             return self._render_here(context, signals.NO_SESSION, getattr(context, "request", None))
+        began = time.monotonic() if signals.block_finished.receivers else 0.0
         config = conf.get_config()
         threshold = config["MIN_BLOCK_MS"]
         if threshold and self.cost_ms is not None and self.cost_ms < threshold:
@@ -132,7 +133,7 @@ class ParallelNode(Node):
                 return self._inline_because(current, context, "the enclosing block's deadline has passed", warn=False)
         now = time.monotonic()
         pending = session.Pending(
-            index, 0, self, values, env, context.template, nonce, now, now + timeout, current.nested
+            index, 0, self, values, env, context.template, nonce, now, now + timeout, current.nested, began=began
         )
         if not current.nested and self.cost_ms is not None and self.cost_ms < policy.BATCH_MS:
             # Too cheap to be worth a job of its own: it travels with the page's other cheap
@@ -170,10 +171,14 @@ class ParallelNode(Node):
         if measure:
             self.observe(ms)
         if report:
+            # On the page's time line (signals.BlockRecord): it began ms ago.
+            current = session.current()
+            at = None if current is None else (time.monotonic() - current.started) * 1000 - ms
             if failure is None:
-                signals.send(self, "inline", reason, request, render_ms=ms)
+                signals.send(self, "inline", reason, request, render_ms=ms, start_ms=at, render_start_ms=at)
             else:
-                signals.send(self, "fallback", f"failed: {type(failure).__name__}: {failure}", request, render_ms=ms)
+                signals.send(self, "fallback", f"failed: {type(failure).__name__}: {failure}", request, render_ms=ms,
+                             start_ms=at, render_start_ms=at)
         return html
 
     def render_inline(self, context: Context) -> str:
