@@ -56,6 +56,39 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     return errors
 
 
+@checks.register(checks.Tags.compatibility)
+def check_fastrouter(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Where this process would start a router (runserver) but none can run here, say why."""
+    import sys
+
+    from parallel_render import conf
+
+    try:
+        config = conf.get_config()
+    except ImproperlyConfigured:
+        return []  # check_settings reports it
+    if not config["ENABLED"] or config["ROUTER"] or conf.worker_count() == 0:
+        return []  # nothing to start: a router elsewhere, or none wanted
+    problem = conf.fastrouter_problem()
+    if problem is None:
+        return []
+    if not sys.platform.startswith("linux"):
+        hint = ("Pages are still right, rendered as plain Django would. For parallel rendering run the site "
+                "on Linux; to silence this, add 'parallel_render.W005' to SILENCED_SYSTEM_CHECKS.")
+    else:
+        hint = ("Install a C++17 compiler (e.g. `apt install g++`) and reinstall parallel_render from its source "
+                "(`pip install --force-reinstall --no-deps PATH`; `pip install -v` shows the build), or set "
+                "PARALLEL_RENDER['FASTROUTER_BINARY'] to a router you built (cmake -S fastrouter -B build && "
+                "cmake --build build).")
+    return [
+        checks.Warning(
+            f"Every {{% parallel %}} block renders inline: {problem}.",
+            hint=hint,
+            id="parallel_render.W005",
+        )
+    ]
+
+
 @checks.register(checks.Tags.templates)
 def check_blocks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """In DEBUG, every {% parallel %} block that will render inline, and why."""

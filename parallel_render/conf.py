@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -132,23 +134,66 @@ def worker_count() -> int:
     return workers
 
 
+# What the package's build installs beside the router's place when it could not build it: the
+# reason, in one line (CMakeLists.txt writes it).
+NOT_BUILT_FILE = "fastrouter-not-built.txt"
+
+
+def _installed_bin_dirs() -> list[Path]:
+    """Where the package's build puts the router: the package's bin/, then site-packages'."""
+    dirs = [Path(__file__).resolve().parent / "bin"]
+    # An editable install keeps the package here but what CMake installed in site-packages.
+    dirs += [Path(entry) / "parallel_render" / "bin" for entry in sys.path if entry]
+    return dirs
+
+
 def fastrouter_binary() -> str:
     """The fastrouter executable: env var, setting, installed copy, then a source build."""
-    from pathlib import Path
-
     candidates = [os.environ.get(ENV_BINARY), get_config()["FASTROUTER_BINARY"]]
-    here = Path(__file__).resolve().parent
-    candidates.append(str(here / "bin" / "fastrouter"))
-    # An editable install keeps the package here but the built binary in site-packages.
-    import sys
-
-    candidates += [str(Path(entry) / "parallel_render" / "bin" / "fastrouter") for entry in sys.path if entry]
-    candidates.append(str(here.parent / "fastrouter" / "build" / "fastrouter"))
+    candidates += [str(directory / "fastrouter") for directory in _installed_bin_dirs()]
+    candidates.append(str(Path(__file__).resolve().parent.parent / "fastrouter" / "build" / "fastrouter"))
     for path in candidates:
         if path and os.path.isfile(path) and os.access(path, os.X_OK):
             return path
+    not_built = fastrouter_not_built_reason()
+    why = f" It was not built when parallel_render was installed: {not_built}." if not_built else ""
     raise ImproperlyConfigured(
-        "The fastrouter binary was not found. Install the package with `pip install .` (it "
-        f"builds the router), or build it with CMake and set {ENV_BINARY} to its path. Looked in: "
-        + ", ".join(p for p in candidates if p)
+        f"The fastrouter binary was not found.{why} Install the package with `pip install .` where a C++17 "
+        f"compiler is available (it builds the router), or build it with CMake and set {ENV_BINARY} to its "
+        "path. Looked in: " + ", ".join(p for p in candidates if p)
     )
+
+
+def fastrouter_not_built_reason() -> str | None:
+    """Why the installed package has no router, as its build wrote down; None if it did not say."""
+    for directory in _installed_bin_dirs():
+        try:
+            return (directory / NOT_BUILT_FILE).read_text().strip() or None
+        except OSError:
+            continue
+    return None
+
+
+def fastrouter_problem() -> str | None:
+    """Why no router can run here, so every block renders inline; None if the router runs."""
+    import platform
+    import subprocess
+
+    if not sys.platform.startswith("linux"):
+        return f"the fastrouter runs on Linux only (it uses epoll and prctl), and this is {platform.system()}"
+    try:
+        binary = fastrouter_binary()
+    except ImproperlyConfigured:
+        not_built = fastrouter_not_built_reason()
+        if not_built:
+            return f"the fastrouter was not built when parallel_render was installed: {not_built}"
+        return ("no fastrouter binary is installed with parallel_render (its build failed or was skipped; "
+                "`pip install -v` shows why)")
+    try:
+        subprocess.run([binary, "--version"], capture_output=True, timeout=10, check=True)
+    except subprocess.CalledProcessError as exc:
+        detail = exc.stderr.decode(errors="replace").strip() or f"exit code {exc.returncode}"
+        return f"the fastrouter at {binary} does not run: {detail}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the fastrouter at {binary} does not run: {exc}"
+    return None

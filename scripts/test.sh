@@ -61,6 +61,9 @@ else
   echo "clang++ is not available: fuzzing skipped (apt install clang libclang-rt-14-dev)"
 fi
 
+echo "== packaging: the sdist, a wheel built from it, auditwheel repair, the wheel run from a fresh venv"
+PYTHON="$PYTHON" scripts/package.sh
+
 echo "== ruff"
 "$PYTHON" -m ruff check .
 
@@ -87,13 +90,13 @@ echo "== pytest"
 # the middle leg (this interpreter with the Django pip chose for it: 5.2 on Python 3.11). Each
 # leg has a venv of its own under build/ and imports the package from this checkout with the
 # router built above. The legs leave out the tests of the router itself (the sanitizer runs
-# above), of whole nodes, runserver and scale-out (process trees and signals), the benchmarks
-# and the browser: they test the machine more than the Python and Django versions, and take
-# most of the time. A Python that is not installed skips its leg, saying so;
-# PARALLEL_RENDER_MATRIX=0 skips the matrix.
+# above), of whole nodes, runserver and scale-out (process trees and signals), the benchmarks,
+# the browser and the wheel builds of test_packaging: they test the machine more than the
+# Python and Django versions, and take most of the time. A Python that is not installed skips
+# its leg, saying so; PARALLEL_RENDER_MATRIX=0 skips the matrix.
 matrix_ignore=(--ignore=tests/router --ignore=tests/test_node.py --ignore=tests/test_runserver.py
   --ignore=tests/test_scaleout.py --ignore=tests/test_bench_load.py --ignore=tests/test_bench_router.py
-  --ignore=tests/test_demo_browser.py --ignore=tests/test_metrics.py)
+  --ignore=tests/test_demo_browser.py --ignore=tests/test_metrics.py --ignore=tests/test_packaging.py)
 
 python_version_is() {  # python_version_is PYTHON 3.10
   "$1" -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$2'.split('.'))))" 2>/dev/null

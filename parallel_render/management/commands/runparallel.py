@@ -7,12 +7,21 @@ watches them until SIGTERM or SIGINT drains the node (twice: at once).
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from parallel_render import conf
 from parallel_render.cluster import ClusterError
 from parallel_render.node import NodeOptions, node_layout, run_node, wsgi_target
+
+# What a node needs beyond the core package: the `node` extra.
+NODE_PACKAGES = ("gunicorn", "psutil")
+
+
+def missing_node_packages() -> list[str]:
+    return [name for name in NODE_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 class Command(BaseCommand):
@@ -45,6 +54,15 @@ class Command(BaseCommand):
         if options["layout"]:
             self.stdout.write(node_layout(options["masters"], node_options).describe())
             return
+        missing = missing_node_packages()
+        if missing:
+            raise CommandError(
+                f"runparallel needs {' and '.join(missing)}, not installed here: "
+                'pip install "parallel_render[node]" installs them.'
+            )
+        problem = conf.fastrouter_problem()
+        if problem is not None:
+            raise CommandError(f"runparallel needs the fastrouter, and {problem}.")
         args = ["-c", "python:parallel_render.gunicorn_conf"]
         for flag, value in (("--bind", options["bind"]), ("--workers", options["masters"]),
                             ("--worker-class", options["worker_class"]), ("--threads", options["threads"])):

@@ -69,6 +69,10 @@ class Command(next_runserver()):  # type: ignore[misc]
         if config["ROUTER"] and not os.environ.get("PARALLEL_RENDER_RUNSERVER"):
             self.stdout.write(f"parallel_render: using the router at {config['ROUTER']}; starting no workers.")
             return
+        problem = conf.fastrouter_problem()
+        if problem is not None:
+            self.stdout.write(f"parallel_render: {{% parallel %}} blocks render inline: {problem} (parallel_render.W005).")
+            return
         cluster = LocalCluster(workers).start()
         atexit.register(cluster.stop)
         os.environ[conf.ENV_ROUTER] = cluster.address
