@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -165,3 +166,28 @@ def test_a_short_run_with_wrk(tmp_path):
                         "--duration", "1", "--slices", "1", "--warmup", "0", "--max-slice", "1")
     assert result["generator"]["name"] == "wrk"
     _check_run(result, tmp_path, ["io"], [1, 2])
+
+
+def test_a_killed_bench_leaves_no_node_behind(tmp_path):
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="demo_site.settings", DEMO_DEBUG="0",
+               DEMO_DB_PATH=str(tmp_path / "demo.sqlite3"), PYTHONPATH=str(ROOT))
+    env.pop("PARALLEL_RENDER_ROUTER", None)
+    bench = subprocess.Popen(
+        [sys.executable, "manage.py", "parallel_bench", "load", "--generator", "builtin", "--pages", "io",
+         "--levels", "1", "--duration", "60", "--plot", str(tmp_path / "load.svg")],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        tree: list[psutil.Process] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # the node, its router, workers and masters
+            tree = psutil.Process(bench.pid).children(recursive=True)
+            if any("fastrouter" in " ".join(p.cmdline()) for p in tree if p.is_running()):
+                break
+            time.sleep(0.2)
+        assert tree, "the bench started no node"
+    finally:
+        bench.kill()  # no chance to stop its node itself
+        bench.wait()
+    _gone, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, f"outlived the killed bench: {[p.cmdline() for p in alive]}"

@@ -15,6 +15,7 @@ latency percentiles are over every request of the mode's slices together.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -36,6 +37,7 @@ from xml.sax.saxutils import escape
 
 from parallel_render.bench.capacity import _Fetcher
 from parallel_render.bench.stats import summary, table
+from parallel_render.process import die_with_parent
 
 HELP = "a real node under load: throughput and p50/p99, serial vs parallel interleaved, per concurrency level"
 
@@ -277,9 +279,11 @@ class Node:
         env = child_env()
         env.pop(conf.ENV_ROUTER, None)  # the node starts its own router
         self._log = open(self.log_path, "wb")
+        # The node drains and stops (SIGTERM) if the bench dies, even by SIGKILL: no orphans.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "django", "runparallel", "--bind", f"127.0.0.1:{self.port}", *self.args],
             env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),
         )
         self.seen: set[int] = set()
 
