@@ -10,6 +10,9 @@ Environment variables:
 - ``DEMO_MEMCACHED``  ``host:port[,host:port...]``: use memcached (pymemcache) as the cache
 - ``DEMO_REDIS``      ``redis://host:port/db``: use Redis (django-redis) as the cache
 - ``DEMO_SECRET_KEY`` the secret key (a fixed, insecure default is used otherwise)
+- ``DEMO_TOOLBAR``    ``0`` leaves django-debug-toolbar out; by default it is installed when
+  ``DEBUG`` is on and the package is (the ``[toolbar]`` extra), and shown on pages opened
+  with ``?toolbar=1``, with parallel_render's panel
 
 When both ``DEMO_MEMCACHED`` and ``DEMO_REDIS`` are set, memcached is the ``default`` cache
 and Redis is available as the ``redis`` alias.
@@ -59,6 +62,30 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "parallel_render.middleware.ParallelRenderMiddleware",
 ]
+
+
+
+def _has_toolbar() -> bool:
+    if not (DEBUG and _env_flag("DEMO_TOOLBAR", True)):
+        return False
+    try:
+        import debug_toolbar  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# django-debug-toolbar with parallel_render's panel, on pages opened with ?toolbar=1: its
+# own instrumentation slows the master, so the demo's numbers are read without it.
+TOOLBAR = _has_toolbar()
+if TOOLBAR:
+    from debug_toolbar.settings import PANELS_DEFAULTS
+
+    INSTALLED_APPS.append("debug_toolbar")
+    # Outside ours, so the toolbar sees the page once its blocks are stitched in.
+    MIDDLEWARE.insert(0, "debug_toolbar.middleware.DebugToolbarMiddleware")
+    DEBUG_TOOLBAR_PANELS = [*PANELS_DEFAULTS, "parallel_render.debug_toolbar.ParallelRenderPanel"]
+    DEBUG_TOOLBAR_CONFIG = {"SHOW_TOOLBAR_CALLBACK": "demo_site.qa.views.show_toolbar"}
 
 ROOT_URLCONF = "demo_site.urls"
 

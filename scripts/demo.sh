@@ -12,8 +12,9 @@ if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${need[@]}"; }
 fi
-# [node]: gunicorn and psutil, so `manage.py runparallel` serves the demo as a production node too.
-"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[node]"
+# [node]: gunicorn and psutil, so `manage.py runparallel` serves the demo as a production node too;
+# [toolbar]: django-debug-toolbar, with parallel_render's panel on pages opened with ?toolbar=1.
+"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[node,toolbar]"
 "$PYTHON" manage.py migrate --noinput
 "$PYTHON" manage.py seed_demo
 exec "$PYTHON" manage.py runserver "${DEMO_ADDR:-127.0.0.1:8000}"

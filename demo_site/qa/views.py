@@ -1,12 +1,17 @@
 """The question page: the skeleton is rendered here, the independent parts in parallel."""
 
+import json
 import os
+import time
 from urllib.parse import urlencode
 
 from django.contrib.auth import get_user_model
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
+
+from parallel_render.waterfall import recording, render_waterfall
 
 from .models import Question
 
@@ -85,7 +90,36 @@ def question_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "previous_q": previous_q,
         "next_q": next_q,
     }
-    return render(request, "qa/question.html", context)
+    # The blocks' part of the page first, timed, with the records of its blocks: the page's
+    # first screen shows that time, the same page's other mode (fetched by its script) and
+    # the waterfall.
+    with recording(request) as records:
+        started = time.perf_counter()
+        body = render_to_string("qa/question_body.html", context, request)
+        render_ms = (time.perf_counter() - started) * 1000
+    other = request.GET.copy()
+    if serial:
+        other.pop("serial", None)
+    else:
+        other["serial"] = "1"
+    context.update({
+        "body": body,
+        "render_ms": render_ms,
+        "block_count": len(records),
+        "workers": len({r.pid for r in records if r.pid}),
+        "waterfall_html": "" if serial else render_waterfall(records),
+        "compare_url_json": json.dumps(request.path + "?" + other.urlencode()).replace("<", "\\u003c"),
+    })
+    response = render(request, "qa/question.html", context)
+    response["Server-Timing"] = f'page;dur={render_ms:.1f};desc="the page\'s blocks rendered and stitched"'
+    return response
+
+
+def show_toolbar(request: HttpRequest) -> bool:
+    """django-debug-toolbar on pages opened with ?toolbar=1 (and its own requests)."""
+    from django.conf import settings
+
+    return settings.DEBUG and (request.GET.get("toolbar") == "1" or request.path.startswith("/__debug__/"))
 
 
 def trivial(request: HttpRequest) -> HttpResponse:
