@@ -173,3 +173,41 @@ def check_sensitive_fields() -> list[checks.CheckMessage]:
                     id="parallel_render.E003",
                 ))
     return errors
+
+
+@checks.register(checks.Tags.compatibility)
+def check_tracing(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """PARALLEL_RENDER['OTEL'] is on: opentelemetry-api must import, and OTEL_WORKER_SETUP too."""
+    from django.utils.module_loading import import_string
+
+    from parallel_render import conf, tracing
+
+    try:
+        config = conf.get_config()
+    except ImproperlyConfigured:
+        return []  # check_settings reports it
+    if not config["OTEL"]:
+        return []
+    problem = tracing.missing()
+    if problem is not None:
+        return [checks.Error(
+            f"PARALLEL_RENDER['OTEL'] is on, but {problem.split(';')[0]}: no block is traced.",
+            hint=f"{tracing.INSTALL} (it installs opentelemetry-api), or set PARALLEL_RENDER['OTEL'] = False.",
+            id="parallel_render.E004",
+        )]
+    setup = config["OTEL_WORKER_SETUP"]
+    if setup:
+        try:
+            found = import_string(setup)
+        except ImportError as exc:
+            found, why = None, str(exc)
+        else:
+            why = f"it is a {type(found).__name__}, not a function"
+        if not callable(found):
+            return [checks.Error(
+                f"PARALLEL_RENDER['OTEL_WORKER_SETUP'] is {setup!r}, which workers cannot call: {why}.",
+                hint="Name a function that takes no arguments and sets up the worker's tracer provider "
+                     "(docs/tracing.md), or set it to None.",
+                id="parallel_render.E005",
+            )]
+    return []

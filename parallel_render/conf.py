@@ -58,6 +58,11 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_PORT": None,
     # Path of the fastrouter binary; None finds the one installed with the package.
     "FASTROUTER_BINARY": None,
+    # OpenTelemetry: a span per block, and its context carried to the worker's span (the
+    # [otel] extra, docs/tracing.md). Off, nothing imports opentelemetry.
+    "OTEL": False,
+    # Dotted path of a function each worker calls once at start, to set up its tracer provider.
+    "OTEL_WORKER_SETUP": None,
 }
 
 # Environment overrides set by the processes we start (runserver, runparallel, tests).
@@ -106,6 +111,14 @@ def get_config() -> dict[str, Any]:
         raise ImproperlyConfigured(
             "PARALLEL_RENDER['SENSITIVE_FIELDS'] must be a list of \"app_label.ModelName.field\" strings, "
             f"not {sensitive!r}."
+        )
+    if not isinstance(config["OTEL"], bool):
+        raise ImproperlyConfigured(f"PARALLEL_RENDER['OTEL'] must be True or False, not {config['OTEL']!r}.")
+    setup = config["OTEL_WORKER_SETUP"]
+    if setup is not None and not (isinstance(setup, str) and "." in setup.strip(".")):
+        raise ImproperlyConfigured(
+            "PARALLEL_RENDER['OTEL_WORKER_SETUP'] must be the dotted path of a function (e.g. "
+            f"\"myproject.tracing.setup\") or None, not {setup!r}."
         )
     router = config["ROUTER"] or os.environ.get(ENV_ROUTER)
     if router is not None:

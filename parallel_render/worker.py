@@ -17,7 +17,7 @@ from django.conf import settings
 from django.core import signals
 from django.template import Node
 
-from parallel_render import codec, conf, fragments, sealing, session
+from parallel_render import codec, conf, fragments, sealing, session, tracing
 from parallel_render import protocol as p
 from parallel_render.client import HandshakeError, RouterClient, open_connection, warn_if_exposed
 from parallel_render.process import die_with_parent
@@ -68,6 +68,8 @@ class Worker:
         # Placeholders of nested blocks: a secret of this process and a job counter, so a job
         # costs no getrandom() yet no page can guess another job's placeholders.
         self._token_prefix = secrets.token_hex(12)
+        # With PARALLEL_RENDER['OTEL'], each block renders in a span, the child of its master's.
+        self.traced = tracing.worker_setup()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -214,11 +216,12 @@ class Worker:
             else:
                 deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
                 token = f"{self._token_prefix}{self.jobs_done:08x}"
+                render = self._render_traced if self.traced else self._render_one
                 if isinstance(body, dict) and isinstance(body.get("bundle"), list):
-                    parts = [self._render_one(sub, deadline, f"{token}{k:04x}") for k, sub in enumerate(body["bundle"])]
+                    parts = [render(sub, deadline, f"{token}{k:04x}") for k, sub in enumerate(body["bundle"])]
                     result = {"ok": True, "bundle": parts}
                 else:
-                    result = self._render_one(body, deadline, token)
+                    result = render(body, deadline, token)
         finally:
             signals.request_finished.send(sender=self.__class__)
         result["pid"] = self.pid
@@ -252,6 +255,9 @@ class Worker:
         result["n"] = nonce
         result["ms"] = (time.perf_counter() - started) * 1000
         return result
+
+    def _render_traced(self, job: Any, deadline: float | None, token: str) -> dict[str, Any]:
+        return tracing.render_traced(self._render_one, job, deadline, token, pid=self.pid)
 
     def _failure(self, exc: Exception) -> dict[str, Any]:
         logger.info("worker %d: block failed: %s: %s", self.pid, type(exc).__name__, exc)

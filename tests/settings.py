@@ -95,3 +95,9 @@ LOGGING = {
 if os.environ.get("PR_TEST_METRICS_PORT"):
     INSTALLED_APPS.append("parallel_render.metrics")
     PARALLEL_RENDER["METRICS_PORT"] = int(os.environ["PR_TEST_METRICS_PORT"])
+
+# PR_TEST_OTEL_SPANS: workers started by tests/test_tracing.py trace their blocks and append
+# their spans to this file, one JSON line each (tests/otel_export.py).
+if os.environ.get("PR_TEST_OTEL_SPANS"):
+    PARALLEL_RENDER["OTEL"] = True
+    PARALLEL_RENDER["OTEL_WORKER_SETUP"] = "tests.otel_export.setup"

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.template import Context, Node, NodeList, TemplateSyntaxError
 from django.template.base import FilterExpression, Variable, token_kwargs
 
-from parallel_render import analysis, codec, conf, policy, sealing, session, signals
+from parallel_render import analysis, codec, conf, policy, sealing, session, signals, tracing
 from parallel_render.client import RouterUnavailable
 from parallel_render.fragments import capture_env, engine_alias, render_captured
 
@@ -121,6 +121,8 @@ class ParallelNode(Node):
                    "env": env}
             if any(type(v) is dict and "$proc" in v for v in job["c"].values()):
                 job["req"] = codec.Encoder().encode(context.request, "request")
+            if config["OTEL"]:  # its span starts here; its context goes in the job
+                tracing.start_block(self, job, current.request, index)
             body = orjson.dumps(job)
         except codec.Unsendable as exc:
             return self._inline_because(current, context, str(exc))
