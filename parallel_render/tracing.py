@@ -115,14 +115,6 @@ def tracer() -> Any:
     return _tracer
 
 
-def _block_attributes(node: Any) -> dict[str, Any]:
-    return {
-        A + "block.label": node.label,
-        A + "block.template": node.template_name or "<string>",
-        A + "block.line": node.line,
-    }
-
-
 def start_block(node: Any, job: dict[str, Any], request: Any, index: int) -> None:
     """A block about to be sent: start its span and put the span's context in its job.
 
@@ -133,7 +125,8 @@ def start_block(node: Any, job: dict[str, Any], request: Any, index: int) -> Non
         from opentelemetry import propagate, trace
     except ImportError:  # enabled() has said so once
         return
-    span = tracer().start_span(BLOCK_SPAN, kind=trace.SpanKind.INTERNAL, attributes=_block_attributes(node))
+    # Its attributes come with its record (finish_block): each one set costs the SDK's checks.
+    span = tracer().start_span(BLOCK_SPAN, kind=trace.SpanKind.INTERNAL)
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(span))
     if carrier:  # nothing to carry where no SDK records spans (the API alone)
