@@ -2,6 +2,7 @@ import os
 import time
 
 from django import template
+from django.db.backends.signals import connection_created
 
 register = template.Library()
 
@@ -92,3 +93,31 @@ def remember(request, key, value):
     request.session[key] = value
     messages.info(request, f"remembered {key}={value}")
     return f"remembered {key}"
+
+
+_connections_made = 0
+
+
+def _count_connection(sender, **kwargs):
+    global _connections_made
+    _connections_made += 1
+
+
+connection_created.connect(_count_connection)
+
+
+@register.simple_tag
+def db_connections_made():
+    """How many database connections this process has opened so far (opening one if none is)."""
+    from django.db import connection
+
+    connection.ensure_connection()
+    return str(_connections_made)
+
+
+@register.simple_tag
+def fail_in_worker():
+    """Fails only in a worker: the master renders the block again, and it works there."""
+    if os.environ.get("PR_ROLE") == "worker" or "parallel_worker" in " ".join(__import__("sys").argv):
+        raise ValueError("fails in a worker")
+    return "rendered-in-master"
