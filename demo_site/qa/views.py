@@ -43,7 +43,8 @@ def index(request: HttpRequest) -> HttpResponse:
     return redirect("qa:question", pk=first.pk)
 
 
-def question_detail(request: HttpRequest, pk: int) -> HttpResponse:
+def _question_context(request: HttpRequest, pk: int) -> dict:
+    """What the question page's blocks read: the question, its answers, querysets for the side."""
     question = get_object_or_404(Question.objects.select_related("author", "author__profile"), pk=pk)
     latency = _latency(request)
     serial = request.GET.get("serial") not in (None, "", "0")
@@ -90,6 +91,18 @@ def question_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "previous_q": previous_q,
         "next_q": next_q,
     }
+    return context
+
+
+def question_blocks(request: HttpRequest, pk: int) -> HttpResponse:
+    """The question page without its first screen: the same blocks, nothing measured or timed,
+    so the page is the same whichever way it renders (`parallel_bench load`'s mixed page)."""
+    return render(request, "qa/question_blocks.html", _question_context(request, pk))
+
+
+def question_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    context = _question_context(request, pk)
+    serial = context["serial"]
     # The blocks' part of the page first, timed, with the records of its blocks: the page's
     # first screen shows that time, the same page's other mode (fetched by its script) and
     # the waterfall.

@@ -74,7 +74,7 @@ def _known(name: str, path: str | None = None) -> Page:
         path = path or "/bench/cpu/?blocks=4&ms=10"
         return Page("cpu", path, 'data-bench-block="', _query_int(path, "blocks", 4), 1.5)
     if name == "mixed":
-        return Page("mixed", path or "/q/1/?latency=10", 'data-block="')
+        return Page("mixed", path or "/q/1/blocks/?latency=10", 'data-block="')
     if path is None:
         raise ValueError(f"unknown page {name!r}: use io, cpu, mixed or NAME=/path")
     return Page(name, path)
