@@ -207,7 +207,7 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
             result, why, kind = _result(f, answer, decoded, client.binding)
         if result is not None:
             html[f.index] = result["html"]
-            f.node.observe(result["ms"])
+            f.node.observe(result["ms"], result.get("cpu"))
             nested = f" +{result['nested']} nested" if result.get("nested") else ""
             timing[f.index] = (
                 f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'
@@ -234,11 +234,11 @@ def _render_here(
     measure: the block rendered as a worker would have (taken back), so its time feeds the
     block's cost model.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.thread_time()
     html = f.node.rescue(f, why, kind)
     ms = (time.perf_counter() - started) * 1000
     if measure:
-        f.node.observe(ms)
+        f.node.observe(ms, (time.thread_time() - cpu_started) * 1000)
     if signals.block_finished.receivers:
         signals.send(f.node, "fallback" if f.node.stands_in(kind) else "rescued", why, current.request, index=f.index,
                      render_ms=ms, total_ms=(time.monotonic() - f.submitted) * 1000,

@@ -1,5 +1,8 @@
 """Where a block renders: sent to a worker only when that can make the page sooner.
 
+Two things must have room for it: a worker (the router's status page), and a CPU (the
+kernel's run queue, CpuRoom).
+
 A block sent to a router with no idle worker only waits in its queue while the master, which
 could render it, goes on and then waits for it: under load that makes pages slower than
 plain Django. So a master asks the router's status page (shared memory, no syscall) before
@@ -10,6 +13,11 @@ measurements behind the numbers are in docs/dispatch.md.
 
 from __future__ import annotations
 
+import math
+import os
+import threading
+import time
+
 from parallel_render.client import RouterLoad
 
 # Blocks cheaper than this (by their measured cost) travel together, several to a job (a
@@ -17,8 +25,76 @@ from parallel_render.client import RouterLoad
 BATCH_MS = 1.0
 
 
-def should_send(load: RouterLoad | None, cost_ms: float | None, nested: bool = False) -> bool:
-    """Whether a block of this expected cost should go to the router now, given its load.
+class CpuRoom:
+    """Whether this machine's CPUs have room for more work, from the kernel's run queue.
+
+    Sending a block costs CPU that rendering it here does not (encoding, sealing, the hops
+    through the router, the worker's set-up): when every core is already busy, that cost
+    comes out of the pages being served, and the node serves fewer of them than plain
+    Django would. /proc/loadavg's fourth field counts the tasks running or waiting to run
+    right now, this thread included; an average over the last MEMORY seconds of samples taken
+    at most every SAMPLE_EVERY seconds (one read shared by the process's threads) smooths a
+    count that jumps from one instant to the next. Room means that average is at most the
+    number of cores: the block's worker can have a core, the master's own once it waits.
+    """
+
+    SAMPLE_EVERY = 0.002
+    # The average forgets with time, not with samples: a master that sent nothing for a while
+    # (an idle site) starts again from what the CPUs do now.
+    MEMORY = 0.05  # seconds
+
+    def __init__(self, cores: int | None = None, path: str = "/proc/loadavg") -> None:
+        self.cores = cores or os.cpu_count() or 1
+        self.path = path
+        self.runnable: float | None = None  # the moving average; None: cannot be read here
+        self._read_at = self._sampled_at = -1.0
+        self._lock = threading.Lock()
+        self._broken = False
+
+    def sample(self) -> float | None:
+        """The moving average of runnable tasks, read again when the last read is old."""
+        now = time.monotonic()
+        if self._broken or now - self._read_at < self.SAMPLE_EVERY or not self._lock.acquire(blocking=False):
+            return self.runnable
+        try:
+            self._read_at = now
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                text = os.read(fd, 128)
+            finally:
+                os.close(fd)
+            running = float(text.split()[3].split(b"/")[0])
+        except (OSError, IndexError, ValueError):
+            self._broken = True  # not Linux, or no /proc: the CPU is not a reason to keep a block
+            self.runnable = None
+            return None
+        finally:
+            self._lock.release()
+        previous, elapsed = self.runnable, now - self._sampled_at
+        self._sampled_at = now
+        weight = 1.0 if previous is None else 1.0 - math.exp(-elapsed / self.MEMORY)
+        self.runnable = running if previous is None else previous + weight * (running - previous)
+        return self.runnable
+
+    def has_room(self) -> bool:
+        runnable = self.sample()
+        return runnable is None or runnable <= self.cores
+
+
+cpu_room = CpuRoom()
+
+
+# With every core busy, a block is still sent when at most this share of its time is CPU: a
+# block that mostly waits (on a database, a cache, a service) would hold a master thread for
+# that wait, and its worker needs little CPU.
+WAITING_SHARE = 0.5
+
+
+def should_send(
+    load: RouterLoad | None, cost_ms: float | None, nested: bool = False, cpu_ms: float | None = None
+) -> bool:
+    """Whether a block of this expected cost should go to the router now, given its load and
+    the CPUs' (cpu_ms: the part of cost_ms its render spends on a CPU, when measured).
 
     Without a status page (a TCP router) every block is sent: the take-back at the end of
     the page keeps a queued block from costing more than the master rendering it itself.
@@ -26,6 +102,9 @@ def should_send(load: RouterLoad | None, cost_ms: float | None, nested: bool = F
     if load is None:
         return True
     if load.stopping or load.workers == 0:
+        return False
+    if not cpu_room.has_room() and (cost_ms is None or cpu_ms is None or cpu_ms > WAITING_SHARE * cost_ms):
+        # Every core is busy: a worker would render it no sooner, and sending costs CPU.
         return False
     ahead = load.queued - load.idle  # jobs that no idle worker will take before this one
     if ahead < 0:

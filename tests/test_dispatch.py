@@ -19,6 +19,23 @@ from parallel_render.testing import parallel_workers, serially
 from tests.conftest import block_pids, rescued, run_concurrently, thread
 
 
+@pytest.fixture(autouse=True)
+def cpu(tmp_path, monkeypatch):
+    """The run queue the policy reads, as this test sets it: room (1 task running) unless a
+    test says otherwise, whatever else this machine is running."""
+    path = tmp_path / "loadavg"
+
+    def running(n: int) -> None:
+        path.write_text(f"0.50 0.40 0.30 {n}/120 4242\n")
+        room.runnable, room._read_at = None, -1.0  # read it again now
+
+    room = policy.CpuRoom(cores=2, path=str(path))
+    running(1)
+    room.set_running = running
+    monkeypatch.setattr(policy, "cpu_room", room)
+    return room
+
+
 def load(**fields: int) -> RouterLoad:
     values = {"workers": 4, "idle": 0, "queued": 0, "in_flight": 4, "service_us": 20_000, "wait_us": 0,
               "updated_us": 0, "pid": 1, "stopping": 0}
@@ -52,6 +69,32 @@ def test_a_block_that_would_wait_longer_than_it_takes_renders_here():
     # Unmeasured blocks and nested blocks (which may not queue) never wait behind others.
     assert not policy.should_send(busy, None)
     assert not policy.should_send(load(queued=0), 500.0, nested=True)
+
+
+def test_the_run_queue_is_read_from_proc_loadavg_and_averaged(cpu):
+    assert cpu.sample() == 1 and cpu.has_room()
+    cpu.set_running(9)
+    assert cpu.sample() == 9 and not cpu.has_room()
+    # Samples closer together than SAMPLE_EVERY share one read; a later one moves the average
+    # toward it, the more the longer since the last one.
+    with open(cpu.path, "w") as f:
+        f.write("0.50 0.40 0.30 2/120 4242\n")
+    assert cpu.sample() == 9
+    time.sleep(cpu.SAMPLE_EVERY * 2)
+    assert 2 < cpu.sample() < 9
+    time.sleep(cpu.MEMORY * 10)  # an idle while: the past is forgotten
+    assert cpu.sample() == pytest.approx(2, abs=0.01)
+    assert policy.CpuRoom(path="/nonexistent/loadavg").has_room()  # unreadable: never a reason
+
+
+def test_with_every_core_busy_only_blocks_that_mostly_wait_are_sent(cpu):
+    idle = load(idle=2, queued=0)
+    assert policy.should_send(idle, 20.0, cpu_ms=18.0)
+    cpu.set_running(5)  # 5 tasks want the 2 cores
+    assert not policy.should_send(idle, 20.0, cpu_ms=18.0)  # CPU-bound: rendered here
+    assert not policy.should_send(idle, 20.0)  # CPU time unknown: rendered here, which measures it
+    assert policy.should_send(idle, 20.0, cpu_ms=2.0)  # mostly waiting: a worker holds the wait
+    assert policy.should_send(None, 20.0, cpu_ms=18.0)  # a TCP router's workers have CPUs of their own
 
 
 # -- a worker the test controls, on a real router ---------------------------------------------
@@ -282,6 +325,29 @@ def test_a_block_that_would_only_wait_renders_in_place_without_being_sent(unix_w
     # they take: the master rendered all four in place and sent none.
     assert after["submitted"] == before["submitted"]
     assert not block_pids(response) and not rescued(response)
+
+
+def test_with_every_core_busy_cpu_bound_blocks_render_in_place_and_waiting_ones_still_go(unix_workers, cpu):
+    client = Client()
+    router = RouterClient(unix_workers.address)
+    for _ in range(3):  # the blocks' costs, and how much of them is CPU, as the workers report them
+        client.get("/p/cpu_bound/?ms=15")
+        client.get("/p/takeback/?sleep=0.02")
+    with serially():
+        serial = client.get("/p/cpu_bound/?ms=15")
+    cpu.set_running(6)  # 6 tasks want the 2 cores
+    before = router.stats()
+    response = client.get("/p/cpu_bound/?ms=15")
+    after = router.stats()
+    assert response.content == serial.content
+    assert after["submitted"] == before["submitted"]  # all four rendered here, none sent
+    assert not block_pids(response)
+    # Blocks that mostly wait still go (as many as the two workers can start soon): a worker
+    # holds the wait, not a master thread.
+    response = client.get("/p/takeback/?sleep=0.02")
+    assert block_pids(response)
+    assert router.stats()["submitted"] > after["submitted"]
+    router.close()
 
 
 def test_no_page_gets_another_requests_blocks_while_masters_take_blocks_back(parallel, adaptive):

@@ -67,18 +67,17 @@ class ParallelNode(Node):
         # What rendering this block costs, in ms (None until measured): see observe().
         self.cost_ms: float | None = None
         self._samples: list[float] = []
+        # Of that, the time on a CPU (the rendering thread's CPU time), None until measured.
+        self.cpu_ms: float | None = None
+        self._cpu_samples: list[float] = []
 
-    def observe(self, ms: float) -> None:
-        """One render's time. The cost is the median of the last few: a worker's first render
-        of a block also loads its template and opens connections (often 100x the render), and
-        an average would carry that one sample for dozens of pages."""
-        samples = self._samples
-        samples.append(ms)
-        if len(samples) > COST_SAMPLES:
-            del samples[0]
-        ordered = sorted(samples)
-        middle = len(ordered) // 2
-        self.cost_ms = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    def observe(self, ms: float, cpu_ms: float | None = None) -> None:
+        """One render's time, and the CPU time it took. The cost is the median of the last
+        few: a worker's first render of a block also loads its template and opens connections
+        (often 100x the render), and an average would carry that one sample for dozens of pages."""
+        self.cost_ms = _median_of_last(self._samples, ms)
+        if isinstance(cpu_ms, (int, float)):
+            self.cpu_ms = _median_of_last(self._cpu_samples, float(cpu_ms))
 
     def __repr__(self) -> str:
         return f"<ParallelNode {self.label}>"
@@ -99,9 +98,11 @@ class ParallelNode(Node):
         if threshold and self.cost_ms is not None and self.cost_ms < threshold:
             # Cheaper to render here than to send: keep measuring, in case it grows.
             return self._render_measured(current, context, "cheap")
-        if config["ADAPTIVE"] and not policy.should_send(current.client.load(), self.cost_ms, current.nested):
-            # No worker would start it soon: rendering it here costs the page less than waiting.
-            return self._render_measured(current, context, "no idle worker")
+        if config["ADAPTIVE"] and not policy.should_send(current.client.load(), self.cost_ms, current.nested, self.cpu_ms):
+            # No worker would start it soon, or no CPU would run it sooner than this one:
+            # rendering it here costs the page (and the node) less than sending it.
+            why = "no idle worker" if policy.cpu_room.has_room() else "every CPU busy"
+            return self._render_measured(current, context, why)
         reason = self.reason_inline(context, sys._getframe(1))
         if reason is not None:
             return self._inline_because(current, context, reason)
@@ -167,11 +168,11 @@ class ParallelNode(Node):
         report = signals.block_finished.receivers
         if not report and not measure:
             return self.render_inline(context)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         html, failure = self._render_inline(context)
         ms = (time.perf_counter() - started) * 1000
         if measure:
-            self.observe(ms)
+            self.observe(ms, (time.thread_time() - cpu_started) * 1000)
         if report:
             # On the page's time line (signals.BlockRecord): it began ms ago.
             current = session.current()
@@ -316,6 +317,16 @@ class ParallelNode(Node):
                 pass
         values.update(extra)
         return _snapshot_loops(context, values)
+
+
+def _median_of_last(samples: list[float], sample: float) -> float:
+    """Add sample to the last COST_SAMPLES samples (in place) and return their median."""
+    samples.append(sample)
+    if len(samples) > COST_SAMPLES:
+        del samples[0]
+    ordered = sorted(samples)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _cache_nodes(nodelists: list[NodeList], engine: Any, depth: int = 0) -> list[Any]:

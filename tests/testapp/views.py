@@ -22,6 +22,7 @@ def common_context(request):
         "safe_html": mark_safe("<em>trusted</em>"),
         "unsafe_html": "<script>alert(1)</script>",
         "sleep": float(request.GET.get("sleep", 0)),
+        "ms": float(request.GET.get("ms", 0)),
         "marker": request.GET.get("marker", ""),
         "fail": int(request.GET.get("fail", -1)),
     }

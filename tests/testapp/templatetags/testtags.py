@@ -121,3 +121,13 @@ def fail_in_worker():
     if os.environ.get("PR_ROLE") == "worker" or "parallel_worker" in " ".join(__import__("sys").argv):
         raise ValueError("fails in a worker")
     return "rendered-in-master"
+
+
+@register.simple_tag
+def burn(ms):
+    """Keeps the CPU busy for about ms milliseconds of this thread's CPU time."""
+    end = time.thread_time() + float(ms) / 1000
+    n = 0
+    while time.thread_time() < end:
+        n += 1
+    return ""
