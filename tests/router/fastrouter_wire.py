@@ -235,14 +235,38 @@ class Peer:
         return True
 
     def unread(self) -> int:
-        """Bytes this peer sent that the other end has not read yet (Linux SIOCOUTQ).
+        """Bytes this peer sent that the router has not read yet (Linux, a router on this host).
 
         On a Unix socket the kernel keeps what was sent charged to the sender until the receiver
-        reads it, so 0 means the router has read everything. (On TCP it counts bytes not yet
-        acknowledged, which says nothing about the router; the tests use it on Unix sockets.)
+        reads it (SIOCOUTQ), so 0 means the router has read everything. On TCP SIOCOUTQ counts
+        only what the router's kernel has not acknowledged; what it acknowledged and the router
+        has not read is the receive queue of the router's end, in /proc/net/tcp. Read in that
+        order, both 0 means the router has read everything. A connection the router has closed
+        counts 0: it will read nothing more.
         """
-        assert self.sock.family == socket.AF_UNIX, "SIOCOUTQ tells what the router read only on a Unix socket"
-        return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        outq = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        if self.sock.family == socket.AF_UNIX:
+            return outq
+        rx_queue = self._router_end_rx_queue()
+        return 0 if rx_queue is None else outq + rx_queue
+
+    def _router_end_rx_queue(self) -> int | None:
+        """What the router's end of this TCP connection received and the router has not read;
+        None once the router has closed it."""
+        try:
+            router_end = (self.sock.getpeername()[:2], self.sock.getsockname()[:2])
+        except OSError:  # reset: the router closed it
+            return None
+        table = "/proc/net/tcp6" if self.sock.family == socket.AF_INET6 else "/proc/net/tcp"
+        with open(table) as f:
+            next(f)
+            for line in f:
+                local, remote, state, queues = line.split()[1:5]
+                if (_proc_net_address(local), _proc_net_address(remote)) == router_end:
+                    # ESTABLISHED (accepted or not yet), SYN_RECV or CLOSE_WAIT: the router will
+                    # still read it; any other state follows the router's close.
+                    return int(queues.split(":")[1], 16) if state in ("01", "03", "08") else None
+        return None
 
     def wait_read_by_router(self, timeout: float = 5.0) -> None:
         """Waits until the router has read every byte this peer sent (and so acted on it)."""
@@ -253,6 +277,13 @@ class Peer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _proc_net_address(text: str) -> tuple[str, int]:
+    """An address of /proc/net/tcp{,6}: the host as 32-bit words in host byte order, the port."""
+    host, port = text.split(":")
+    raw = b"".join(struct.pack("=I", int(host[i : i + 8], 16)) for i in range(0, len(host), 8))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw), int(port, 16)
 
 
 def stats(address: str) -> dict:

@@ -302,18 +302,16 @@ def test_a_header_over_64_bytes_is_refused_before_its_payload(router):
 
 def _header_then_one_byte(peers: list[Peer], length: int) -> None:
     """Each peer sends a header announcing `length`, and, once the router has read them all, one
-    byte of the payload: the second read is where a buffer sized from the header would grow."""
-    for p in peers:
-        try:
-            p.send_raw(header(SUBMIT, length, job_id=1))
-        except OSError:
-            pass  # already refused and closed
-    time.sleep(0.1)
-    for p in peers:
-        try:
-            p.send_raw(b"x")
-        except OSError:
-            pass
+    byte of the payload: the second read is where a buffer sized from the header would grow.
+    Returns once the router has read that byte too (or closed the connection)."""
+    for data in (header(SUBMIT, length, job_id=1), b"x"):
+        for p in peers:
+            try:
+                p.send_raw(data)
+            except OSError:
+                pass  # already refused and closed
+        for p in peers:
+            p.wait_read_by_router()
 
 
 def _flood(address: str, n: int, length: int) -> list[Peer]:
@@ -346,7 +344,6 @@ def test_unauthenticated_flood_costs_no_memory_and_ends_by_the_deadline(start_ro
     before = memory_kb(router.proc.pid)
     t0 = time.monotonic()
     peers = _flood(router.address, n, length)
-    time.sleep(0.3)
     during = memory_kb(router.proc.pid)
     closed = _all_closed(peers, t0 + 2.0 + 1.5)
     after = memory_kb(router.proc.pid)
@@ -377,7 +374,6 @@ def test_authenticated_peers_announcing_16_mib_hold_only_what_they_sent(start_ro
     before = memory_kb(router.proc.pid)
     t0 = time.monotonic()
     _header_then_one_byte(peers, 16 * MIB)
-    time.sleep(0.4)
     during = memory_kb(router.proc.pid)
     assert stats(router.address)["masters"] == n  # still waiting for the rest of their frames
     closed = _all_closed(peers, t0 + 1.5 + 2.0)
@@ -407,8 +403,8 @@ def test_handshake_timeout(start_router):
     refused(silent, b"handshake timeout")
     refused(halfway, b"handshake timeout")
     assert 0.2 <= time.monotonic() - t0 < 2.0
-    time.sleep(0.5)
-    idle_master.send(STATS, job_id=5)  # authenticated and idle longer than --handshake-ms: kept
+    time.sleep(0.5)  # the point: the authenticated master idles well past --handshake-ms
+    idle_master.send(STATS, job_id=5)  # and is still served
     assert json.loads(idle_master.expect(STATS, 5).payload)["handshake_timeouts"] == 2
 
 

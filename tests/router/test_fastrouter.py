@@ -607,7 +607,8 @@ def test_random_traffic_never_crashes_the_router(start_router):
             p.close()
         else:
             peers.append(p)
-    time.sleep(0.1)
+    for p in peers:  # the router handles their traffic while they are connected, then their close
+        p.wait_read_by_router()
     for p in peers:
         p.close()
     assert router.proc.poll() is None

@@ -4,6 +4,7 @@ import struct
 import time
 
 from fastrouter_wire import Peer
+from test_fastrouter import wait_idle
 
 HEADER = struct.Struct("<2sBBHHQII")
 
@@ -41,7 +42,7 @@ def test_no_queue_goes_to_an_idle_worker_or_is_busy_at_once(router):
     assert time.monotonic() - started < 0.5
     worker = connect(router.address, 2)
     worker.sendall(frame(3))
-    time.sleep(0.05)
+    wait_idle(router.address, 1)
     master.sendall(frame(2, 2, b"y", flags=0x0003, timeout_ms=5000))
     type_, flags, rid, payload = read_frame(worker)
     assert (type_, payload) == (4, b"y") and flags & 0x0002

@@ -75,7 +75,7 @@ def test_page_next_to_the_socket_is_private_and_names_the_router(router):
 def test_idle_router_keeps_updated_us_fresh_without_changing_the_numbers(router):
     path = router.sock_path + ".status"
     first = read_status(path)
-    time.sleep(0.35)
+    time.sleep(0.35)  # the point: time passes with nothing happening, over three ~100 ms refreshes
     later = read_status(path)
     assert later["updated_us"] - first["updated_us"] >= 200_000  # refreshed every ~100 ms
     assert abs(now_us() - later["updated_us"]) < 300_000
@@ -142,7 +142,7 @@ def test_killed_router_leaves_a_stale_page_the_next_one_replaces(start_router):
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(5)
     stale = read_status(path)
-    time.sleep(0.25)
+    time.sleep(0.25)  # the point: longer than the ~100 ms refresh a live router would have made
     assert read_status(path)["updated_us"] == stale["updated_us"]  # a reader can tell
     second = start_router(listen=first.address)
     s = read_status(path)
