@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from parallel_render.client import RouterLoad
 
@@ -43,9 +44,11 @@ class CpuRoom:
     # (an idle site) starts again from what the CPUs do now.
     MEMORY = 0.05  # seconds
 
-    def __init__(self, cores: int | None = None, path: str = "/proc/loadavg") -> None:
+    def __init__(self, cores: int | None = None, path: str = "/proc/loadavg",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cores = cores or os.cpu_count() or 1
         self.path = path
+        self.clock = clock
         self.runnable: float | None = None  # the moving average; None: cannot be read here
         self._read_at = self._sampled_at = -1.0
         self._lock = threading.Lock()
@@ -53,7 +56,7 @@ class CpuRoom:
 
     def sample(self) -> float | None:
         """The moving average of runnable tasks, read again when the last read is old."""
-        now = time.monotonic()
+        now = self.clock()
         if self._broken or now - self._read_at < self.SAMPLE_EVERY or not self._lock.acquire(blocking=False):
             return self.runnable
         try:

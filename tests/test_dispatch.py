@@ -3,6 +3,7 @@ master taking back the blocks no worker has started (with a real router)."""
 
 from __future__ import annotations
 
+import math
 import random
 import socket
 import threading
@@ -27,9 +28,12 @@ def cpu(tmp_path, monkeypatch):
 
     def running(n: int) -> None:
         path.write_text(f"0.50 0.40 0.30 {n}/120 4242\n")
-        room.runnable, room._read_at = None, -1.0  # read it again now
+        room.runnable = None  # read it again now, from scratch
+        now[0] += 1.0
 
-    room = policy.CpuRoom(cores=2, path=str(path))
+    now = [1000.0]
+    room = policy.CpuRoom(cores=2, path=str(path), clock=lambda: now[0])
+    room.now = now  # the test's clock: tests move it on
     running(1)
     room.set_running = running
     monkeypatch.setattr(policy, "cpu_room", room)
@@ -80,9 +84,9 @@ def test_the_run_queue_is_read_from_proc_loadavg_and_averaged(cpu):
     with open(cpu.path, "w") as f:
         f.write("0.50 0.40 0.30 2/120 4242\n")
     assert cpu.sample() == 9
-    time.sleep(cpu.SAMPLE_EVERY * 2)
-    assert 2 < cpu.sample() < 9
-    time.sleep(cpu.MEMORY * 10)  # an idle while: the past is forgotten
+    cpu.now[0] += cpu.SAMPLE_EVERY * 2
+    assert cpu.sample() == pytest.approx(9 + (1 - math.exp(-cpu.SAMPLE_EVERY * 2 / cpu.MEMORY)) * (2 - 9))
+    cpu.now[0] += cpu.MEMORY * 10  # an idle while: the past is forgotten
     assert cpu.sample() == pytest.approx(2, abs=0.01)
     assert policy.CpuRoom(path="/nonexistent/loadavg").has_room()  # unreadable: never a reason
 
