@@ -440,6 +440,12 @@ class Supervisor:
             ended = reap(c.proc)
             if ended is None:
                 continue
+            if c.kind == "worker" and c.ready_at is None and c.heartbeat:
+                # It may have connected, done its last job and exited between two checks of
+                # the heartbeats: its file says whether it ever beat (before _forget removes it).
+                with contextlib.suppress(OSError):
+                    if os.stat(c.heartbeat).st_mtime_ns != c.mtime:
+                        c.ready_at = now
             self._forget(c)
             self._exited(c, ended, now)
 
