@@ -12,9 +12,7 @@ import time
 
 from django.test import Client
 
-from parallel_render import conf
-from parallel_render.cluster import LocalCluster
-from parallel_render.testing import serially, worker_rendered
+from parallel_render.testing import parallel_workers, serially, worker_rendered
 from tests.conftest import rescued
 
 MAGIC, VERSION, HELLO, READY = b"PR", 1, 1, 3
@@ -42,14 +40,8 @@ def page_times(client: Client, path: str, n: int, expected: bytes) -> list[float
     return times
 
 
-def test_pages_stay_right_and_fast_while_peers_without_the_key_flood_the_router(transactional_db, monkeypatch):
-    from django.conf import settings
-
-    env = {"PR_TEST_DB": str(settings.DATABASES["default"]["NAME"])}
-    with LocalCluster(4, env=env) as cluster:
-        cluster.wait_ready()
-        monkeypatch.setenv(conf.ENV_ROUTER, cluster.address)
-        conf.get_config.cache_clear()
+def test_pages_stay_right_and_fast_while_peers_without_the_key_flood_the_router(transactional_db):
+    with parallel_workers(4) as cluster:
         path = "/p/leak/?marker=flood&n=3"  # four blocks, each rendered by a worker
         with serially():
             expected = Client().get(path).content
@@ -111,7 +103,6 @@ def test_pages_stay_right_and_fast_while_peers_without_the_key_flood_the_router(
         stats = cluster_stats(cluster.address)
         assert stats["workers"] == 4  # no rogue peer ever became a worker
         assert stats["auth_failures"] + stats["handshake_timeouts"] + stats["evicted_pending"] + stats["protocol_errors"] > 0
-    conf.get_config.cache_clear()
 
 
 def cluster_stats(address: str) -> dict:
