@@ -60,13 +60,20 @@ def test_template_response_is_stitched_too(parallel):
 def test_four_slow_blocks_run_at_once_in_workers(parallel):
     client = Client()
     client.get("/p/slow/?sleep=0")  # warm the workers' template caches
-    # Two workers: four 0.3 s blocks take two rounds; serially they take 1.2 s.
-    started = time.monotonic()
+    # Two workers: four 0.3 s blocks take two rounds; serially they take 1.2 s. How long the
+    # page took depends on how busy the machine is, so the test reads when each block's render
+    # ran in its worker (on the clock the machine's processes share) and checks that the two
+    # workers' renders overlapped: the renders' union on the time line is about half their sum.
     response = client.get("/p/slow/?sleep=0.3")
-    took = time.monotonic() - started
     pids = block_pids(response)
     assert len(pids) == 4 and os.getpid() not in pids and len(set(pids)) == 2
-    assert took < 0.9, took
+    spans = sorted((r.render_start_ms, r.render_start_ms + r.render_ms) for r in blocks_of(response))
+    union, reach = 0.0, float("-inf")
+    for start, end in spans:
+        union += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    rendering = sum(end - start for start, end in spans)
+    assert rendering >= 4 * 300 and union < 0.75 * rendering, (spans, union, rendering)
     body = response.content.decode()
     assert body.count("pid=") == 4 and f"pid={os.getpid()}" not in body
 
