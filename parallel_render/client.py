@@ -386,6 +386,18 @@ class RouterClient:
         """The router's load from its status page (no syscall), or None where it publishes none."""
         return self._status.read()
 
+    def answered(self, job_ids: list[int]) -> bool:
+        """Whether the router has answered every one of these jobs, without waiting.
+
+        Reads what has already arrived on the connection (unless another thread is reading),
+        takes nothing and cancels nothing: collect() still returns these answers. A streamed
+        page asks this before it would wait for a block, to send what it has first.
+        """
+        with self._cond:
+            if any(job_id not in self._answers for job_id in job_ids) and not self._reading and self._sock is not None:
+                self._read_some(0)
+            return all(job_id in self._answers for job_id in job_ids)
+
     def collect(self, job_ids: list[int], deadline: float) -> dict[int, Answer]:
         """Wait until every job is answered or time.monotonic() reaches deadline.
 

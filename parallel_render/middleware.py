@@ -11,7 +11,7 @@ import orjson
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponse
 
-from parallel_render import conf, sealing, session, signals
+from parallel_render import conf, sealing, session, signals, streaming
 from parallel_render import protocol as p
 from parallel_render.client import get_client
 
@@ -50,6 +50,8 @@ class ParallelRenderMiddleware:
         finally:
             session.deactivate(token)
         if current.fragments:
+            if streaming.wants_stream(response, current):
+                return streaming.stream(current, response)
             stitch(current, response)
         return response
 
@@ -68,6 +70,8 @@ class ParallelRenderMiddleware:
         finally:
             session.deactivate(token)
         if current.fragments:
+            if streaming.wants_stream(response, current):
+                return streaming.stream(current, response, asynchronous=True)
             # Waiting for the workers blocks; keep it off the event loop.
             await sync_to_async(stitch, thread_sensitive=False)(current, response)
         return response

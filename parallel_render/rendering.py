@@ -7,6 +7,9 @@ returns, so what a view then does with the HTML (embed it in JSON, escape it, cu
 sees the finished page, never a placeholder. The middleware only adds the Server-Timing
 header, and stitches whatever a render could not (see below).
 
+A streamed page (parallel_render.streaming) is the one render that leaves its placeholders
+in on purpose: the middleware stitches them as it sends the page, block by block.
+
 One exception: an async view that calls `render()` on the event loop itself. Waiting for
 workers there would block the loop, so that render leaves its placeholders to the
 middleware, which waits in a thread, as it always did.
@@ -15,6 +18,7 @@ middleware, which waits in a thread, as it always did.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 from django.utils.safestring import SafeString, mark_safe
@@ -37,6 +41,8 @@ def install() -> None:
         current = session.current()
         if current is None or not current.fragments or not current.stitch or _on_event_loop():
             return html
+        if _unstitched.get() is self:
+            return html
         from parallel_render.middleware import stitch_text
 
         done = stitch_text(current, html)
@@ -45,6 +51,21 @@ def install() -> None:
     setattr(render, _ORIGINAL_ATTR, original)
     render.__doc__ = original.__doc__
     Template.render = render  # type: ignore[method-assign]
+
+
+def render_unstitched(template: Any, context: Any = None, request: Any = None) -> Any:
+    """template.render(), leaving the placeholders of the blocks it sends in its output: a
+    streamed page stitches them as they arrive (parallel_render.streaming). Only this render
+    of this template is left unstitched; renders inside it still stitch their own blocks."""
+    token = _unstitched.set(template)
+    try:
+        return template.render(context, request)
+    finally:
+        _unstitched.reset(token)
+
+
+# The template whose render (through the wrapper below) leaves its placeholders in.
+_unstitched: contextvars.ContextVar[Any] = contextvars.ContextVar("parallel_render_unstitched", default=None)
 
 
 def render_code() -> Any:

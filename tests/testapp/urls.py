@@ -14,4 +14,10 @@ urlpatterns = [
     path("effects/", views.effects, name="effects"),
     path("p/<str:name>/", views.page, name="page"),
     path("tr/<str:name>/", views.page_tr, name="page_tr"),
+    path("st/<str:name>/", views.page_streamed, name="page_streamed"),
+    path("st-decorated/<str:name>/", views.page_stream_decorated, name="page_stream_decorated"),
+    path("st-cbv/<str:name>/", views.page_stream_cbv, name="page_stream_cbv"),
+    path("st-rendered/<str:name>/", views.page_stream_rendered, name="page_stream_rendered"),
+    path("st-async/<str:name>/", views.async_page_streamed, name="async_page_streamed"),
+    path("outstanding/", views.outstanding, name="outstanding"),
 ]

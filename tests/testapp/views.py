@@ -25,6 +25,7 @@ def common_context(request):
         "ms": float(request.GET.get("ms", 0)),
         "marker": request.GET.get("marker", ""),
         "fail": int(request.GET.get("fail", -1)),
+        "gate": request.GET.get("gate", ""),
     }
 
 
@@ -95,3 +96,57 @@ def from_string(request):
 async def async_page(request, name):
     """An async view: renders in the event loop's thread, stitched by the async middleware."""
     return render(request, f"t/{name}.html", common_context(request))
+
+
+def page_streamed(request, name):
+    """The page of t/<name>.html, streamed block by block (parallel_render.streaming)."""
+    from parallel_render.streaming import StreamingTemplateResponse
+
+    return StreamingTemplateResponse(request, f"t/{name}.html", common_context(request))
+
+
+def _page_decorated(request, name):
+    return TemplateResponse(request, f"t/{name}.html", common_context(request))
+
+
+def _render_decorated(request, name):
+    return render(request, f"t/{name}.html", common_context(request))
+
+
+def _streamed_view():
+    from django.views.generic import TemplateView
+
+    from parallel_render.streaming import StreamingTemplateResponse, stream_blocks
+
+    class StreamedPage(TemplateView):
+        response_class = StreamingTemplateResponse
+
+        def get_template_names(self):
+            return [f"t/{self.kwargs['name']}.html"]
+
+        def get_context_data(self, **kwargs):
+            return common_context(self.request)
+
+    async def async_streamed(request, name):
+        return StreamingTemplateResponse(request, f"t/{name}.html", common_context(request))
+
+    return (
+        stream_blocks(_page_decorated),
+        StreamedPage.as_view(),
+        stream_blocks(_render_decorated),
+        stream_blocks(async_streamed),
+    )
+
+
+page_stream_decorated, page_stream_cbv, page_stream_rendered, async_page_streamed = _streamed_view()
+
+
+def outstanding(request):
+    """This process's jobs still owed to its pages (RouterClient.outstanding), as JSON."""
+    from django.http import JsonResponse
+
+    from parallel_render import conf
+    from parallel_render.client import get_client
+
+    config = conf.get_config()
+    return JsonResponse(get_client(config["ROUTER"], config["MAX_PAYLOAD"]).outstanding()._asdict())

@@ -131,3 +131,18 @@ def burn(ms):
     while time.thread_time() < end:
         n += 1
     return ""
+
+
+@register.simple_tag
+def gate_in_worker(path, seconds=10):
+    """In a worker, waits (at most `seconds`) until the file at path exists, so a test decides
+    when the block is done; elsewhere (a serial render, a rescue) returns at once.
+
+    It takes 5 ms at least in a worker, so its block is never cheap enough to travel in a
+    bundle with others (which would then wait for it too)."""
+    if os.environ.get("PR_ROLE") == "worker" or "parallel_worker" in " ".join(__import__("sys").argv):
+        time.sleep(0.005)
+        end = time.monotonic() + float(seconds)
+        while path and not os.path.exists(path) and time.monotonic() < end:
+            time.sleep(0.005)
+    return ""
