@@ -1,4 +1,4 @@
-"""Real memcached and redis-server processes on free loopback ports, for the tests."""
+"""Real memcached and redis-server processes on free loopback ports, for tests and `parallel_bench cache`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def server(kind: str) -> Iterator[str]:
     """Start memcached or redis-server; yield its cache location URL."""
     binary = {"memcached": "memcached", "redis": "redis-server"}[kind]
     if shutil.which(binary) is None:
-        raise RuntimeError(f"{binary} is not installed; ./scripts/test.sh installs it (apt-get install {binary})")
+        raise RuntimeError(f"{binary} is not installed (apt-get install {binary}; ./scripts/test.sh installs it)")
     port = free_port()
     workdir = tempfile.mkdtemp(prefix=f"pr-{kind}-")
     if kind == "memcached":
