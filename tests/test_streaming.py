@@ -5,8 +5,15 @@ gunicorn (sync and gthread), ASGI and a real browser."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +23,8 @@ from django.test import AsyncClient, Client, override_settings
 
 from parallel_render import streaming
 from parallel_render.testing import serially
-from tests.conftest import block_pids, rescued
+from tests.conftest import block_pids, rescued, run_concurrently
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,3 +161,174 @@ def test_streamed_under_asgi(parallel, tmp_path):
             await sync_to_async(connections.close_all)()
 
     assert asyncio.run(go()) == serial_page(path)
+
+
+@pytest.fixture(params=["sync", "gthread"])
+def gunicorn(request, parallel):
+    """One gunicorn master of the test site (sync, or gthread with 4 threads) on the test cluster."""
+    from django.conf import settings
+
+    port = free_port()
+    env = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        PYTHONPATH=str(ROOT),
+        PR_TEST_DB=str(settings.DATABASES["default"]["NAME"]),
+        PARALLEL_RENDER_ROUTER=parallel.address,
+    )
+    threads = ["--threads", "4"] if request.param == "gthread" else []
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "tests.wsgi",
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            "1",
+            "-k",
+            request.param,
+            *threads,
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        try:
+            urllib.request.urlopen(base + "/outstanding/", timeout=2).read()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        raise AssertionError("gunicorn did not start")
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+class RawResponse:
+    """An HTTP/1.1 response read off a socket as it arrives: the head, then the body's chunks."""
+
+    def __init__(self, base: str, path: str, headers: dict[str, str] | None = None) -> None:
+        host, port = base.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self._recv()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status, *fields = head.decode().split("\r\n")
+        self.status = int(status.split()[1])
+        self.headers = {k.lower(): v.strip() for k, v in (f.split(":", 1) for f in fields)}
+        assert self.headers.get("transfer-encoding") == "chunked", self.headers
+        self.body = b""
+        self.done = False
+
+    def _recv(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the server closed the connection")
+        self.buffer += data
+
+    def read_chunk(self) -> bytes:
+        """The next chunk of the body (b"" at its end)."""
+        while b"\r\n" not in self.buffer:
+            self._recv()
+        size, rest = self.buffer.split(b"\r\n", 1)
+        size = int(size, 16)
+        while len(rest) < size + 2:
+            self._recv()
+            rest = self.buffer.split(b"\r\n", 1)[1]
+        chunk, self.buffer = rest[:size], rest[size + 2 :]
+        self.body += chunk
+        self.done = size == 0
+        return chunk
+
+    def read_until(self, marker: bytes) -> bytes:
+        while marker not in self.body:
+            if not self.read_chunk() and self.done:
+                raise AssertionError(f"{marker!r} not in {self.body!r}")
+        return self.body
+
+    def read_all(self) -> bytes:
+        while not self.done:
+            self.read_chunk()
+        return self.body
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def fetch_serial(base: str, path: str) -> bytes:
+    request = urllib.request.Request(base + path, headers={"X-Parallel-Render": "serial"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return r.read()
+
+
+def outstanding(base: str) -> int:
+    with urllib.request.urlopen(base + "/outstanding/", timeout=10) as r:
+        counts = json.load(r)
+    return counts["awaiting"] + counts["uncollected"]
+
+
+def test_gunicorn_streams_the_skeleton_first_and_the_page_equals_the_serial_one(gunicorn, tmp_path):
+    gate = tmp_path / "open"
+    path = f"/st/stream/?marker=g&n=3&gate={gate}"
+    response = RawResponse(gunicorn, path)
+    try:
+        assert response.status == 200 and "content-length" not in response.headers
+        assert "pr-stream;dur=" in response.headers["server-timing"]
+        sent = response.read_until(b"<i>g-2</i>\n")
+        # Nothing more comes while the slow block's worker waits for the gate.
+        response.sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            response.read_chunk()
+        response.sock.settimeout(10)
+        assert b'<h1 id="skeleton">skeleton g</h1>' in sent and b'id="slow"' not in sent
+    finally:
+        gate.touch()
+    assert response.read_all() == fetch_serial(gunicorn, path)
+    response.close()
+
+
+def test_gunicorn_streams_only_each_request_its_own_blocks(gunicorn):
+    streamed = []
+
+    def fetch(path):
+        with urllib.request.urlopen(gunicorn + path.replace("/p/", "/st/"), timeout=30) as r:
+            streamed.append(r.headers["Transfer-Encoding"] == "chunked")
+            return r.read().decode(), r.headers["Server-Timing"] or ""
+
+    assert not run_concurrently(fetch, clients=8, rounds=2, n=6)[:2]
+    # A page whose blocks all rendered in the master has nothing to stream: it goes buffered.
+    assert sum(streamed) >= len(streamed) // 2, streamed
+    assert outstanding(gunicorn) == 0
+
+
+def test_a_client_that_goes_away_mid_stream_leaves_no_job_behind(gunicorn, tmp_path):
+    gate, later = tmp_path / "open", tmp_path / "later"
+    path = f"/st/stream_two/?marker=d&gate={gate}&title={later}"
+    response = RawResponse(gunicorn, path)
+    try:
+        assert b"skeleton d" in response.read_chunk()
+        response.close()  # gone, while both blocks are out
+        gate.touch()
+        # The master finds out when it writes the next part (or gives up on the second block
+        # after its 1 s timeout and then finds out): its jobs are then cancelled or collected.
+        end = time.monotonic() + 5
+        while outstanding(gunicorn) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert outstanding(gunicorn) == 0
+    finally:
+        gate.touch()
+        later.touch()
+    # The master serves the next page whole.
+    assert b"slower d" in RawResponse(gunicorn, path).read_all()
