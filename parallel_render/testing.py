@@ -137,8 +137,20 @@ def worker_rendered(response: Any) -> list[int]:
     return [int(pid) for pid in re.findall(r" pid (\d+)", response.headers.get("Server-Timing", ""))]
 
 
+def body_of(response: Any) -> bytes:
+    """A test client response's whole body, streamed (parallel_render.streaming) or not.
+
+    Reading a streamed body consumes it: call this once per response.
+    """
+    if getattr(response, "streaming", False):
+        return b"".join(response.streaming_content)
+    return response.content
+
+
 def assert_parallel_equals_serial(client: Any, path: str, require_parallel: bool = True, **extra: Any) -> Any:
     """GET path serially and in parallel; fail unless both pages are byte-for-byte equal.
+
+    A streamed page is read whole (so its streaming_content is consumed when this returns).
 
     With require_parallel, also fail when no block was rendered by a worker (a page that
     silently renders everything inline proves nothing). Returns the parallel response.
@@ -146,12 +158,14 @@ def assert_parallel_equals_serial(client: Any, path: str, require_parallel: bool
 
     with serially():
         serial = client.get(path, **extra)
+        serial_body = body_of(serial)
     with capture_blocks() as blocks:
         parallel = client.get(path, **extra)
+        parallel_body = body_of(parallel)  # a streamed page's blocks are gathered as it is read
     if serial.status_code != parallel.status_code:
         raise AssertionError(f"{path}: status {parallel.status_code} in parallel, {serial.status_code} serially")
-    if parallel.content != serial.content:
-        a, b = serial.content.decode(errors="replace"), parallel.content.decode(errors="replace")
+    if parallel_body != serial_body:
+        a, b = serial_body.decode(errors="replace"), parallel_body.decode(errors="replace")
         at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         raise AssertionError(
             f"{path}: the parallel page differs from the serial page at character {at}:\n"

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -332,3 +333,44 @@ def test_a_client_that_goes_away_mid_stream_leaves_no_job_behind(gunicorn, tmp_p
         later.touch()
     # The master serves the next page whole.
     assert b"slower d" in RawResponse(gunicorn, path).read_all()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (./scripts/test.sh installs it)")
+@pytest.mark.parametrize("gunicorn", ["gthread"], indirect=True)
+def test_browser_paints_the_skeleton_before_the_slow_block_arrives(gunicorn, tmp_path):
+    from tests.chromium import Chromium
+
+    gate = tmp_path / "open"
+    try:
+        with Chromium(800, 600) as browser:
+            # Navigate without waiting for the load event: the page is still arriving.
+            browser.call("Page.navigate", session=True, url=f"{gunicorn}/st/stream/?marker=b&n=3&gate={gate}")
+            painted = browser.wait_for("""(() => {
+                const fcp = performance.getEntriesByName('first-contentful-paint')[0];
+                return fcp && document.getElementById('skeleton') && {
+                    fcp: fcp.startTime, state: document.readyState,
+                    slow: !!document.getElementById('slow'), text: document.body.innerText};
+            })()""")
+            png = browser.screenshot()
+            gate.touch()
+            done = browser.wait_for("""document.readyState === 'complete' && document.getElementById('slow')
+                && document.body.innerText""")
+    finally:
+        gate.touch()
+    # First contentful paint happened while the slow block's worker was still held back.
+    assert painted["state"] == "loading" and not painted["slow"], painted
+    assert "skeleton b" in painted["text"] and "b-2" in painted["text"] and "end b" not in painted["text"]
+    assert png.startswith(b"\x89PNG")
+    assert "slow b" in done and "after item 2" in done and "end b" in done
+
+
+def test_assert_parallel_equals_serial_reads_a_streamed_page(parallel):
+    from parallel_render.testing import assert_parallel_equals_serial
+
+    response = assert_parallel_equals_serial(Client(), "/st/stream/?marker=h&n=2")
+    assert response.streaming
+    with pytest.raises(AssertionError, match="no block was rendered by a worker"):
+        assert_parallel_equals_serial(Client(), "/st/stream/?marker=h&n=2", HTTP_X_PARALLEL_RENDER="serial")
