@@ -56,6 +56,30 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     return errors
 
 
+@checks.register(checks.Tags.caches)
+def check_fragment_cache(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """The fragment cache's client must give up on a server that does not answer."""
+    from parallel_render import cache, conf
+
+    try:
+        alias = conf.get_config()["CACHE"]
+    except ImproperlyConfigured:
+        return []  # check_settings reports it
+    if alias is None:
+        return []
+    missing = cache.missing_timeouts((getattr(settings, "CACHES", None) or {}).get(alias) or {})
+    if not missing:
+        return []
+    return [checks.Warning(
+        f"The fragment cache (CACHES[{alias!r}], PARALLEL_RENDER['CACHE']) has no {' or '.join(missing)} "
+        "OPTIONS: its client waits as long as the operating system lets it for a server that stopped "
+        "answering, and so do the pages with cached blocks.",
+        hint="Set " + ", ".join(f"OPTIONS[{name!r}]" for name in missing) + " to a fraction of a second "
+             "(docs/cache.md shows an example for memcached and Redis).",
+        id="parallel_render.W007",
+    )]
+
+
 @checks.register(checks.Tags.compatibility)
 def check_fastrouter(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Where this process would start a router (runserver) but none can run here, say why."""
@@ -109,6 +133,18 @@ def check_blocks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
                     hint="Run `manage.py parallel_check` for every block; the README lists what makes a block inline.",
                     obj=report.template,
                     id="parallel_render.W003",
+                )
+            )
+        if report.cache_warning is not None:
+            names = " or ".join(f"key={name}" for name in report.unkeyed)
+            warnings.append(
+                checks.Warning(
+                    f"{{% parallel %}} block at {report.template}:{report.line} is {report.cache_warning}: "
+                    "its cached HTML would be shown to other requests.",
+                    hint=f"Add {names} (or a key= of the part it reads, e.g. key=user.pk) to its tag, or do not "
+                         "cache it; docs/cache.md lists what never goes into a key.",
+                    obj=report.template,
+                    id="parallel_render.W006",
                 )
             )
     return warnings

@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
     "OTEL": False,
     # Dotted path of a function each worker calls once at start, to set up its tracer provider.
     "OTEL_WORKER_SETUP": None,
+    # The alias in CACHES of the fragment cache ({% parallel cache=S %}, docs/cache.md); None
+    # turns it off (cached blocks render as uncached ones).
+    "CACHE": "default",
 }
 
 # Environment overrides set by the processes we start (runserver, runparallel, tests).
@@ -120,6 +123,14 @@ def get_config() -> dict[str, Any]:
             "PARALLEL_RENDER['OTEL_WORKER_SETUP'] must be the dotted path of a function (e.g. "
             f"\"myproject.tracing.setup\") or None, not {setup!r}."
         )
+    cache = config["CACHE"]
+    if cache is not None:
+        aliases = sorted(getattr(settings, "CACHES", None) or {"default": None})
+        if not isinstance(cache, str) or cache not in aliases:
+            raise ImproperlyConfigured(
+                f"PARALLEL_RENDER['CACHE'] must name a cache in CACHES ({', '.join(map(repr, aliases))}) or be None "
+                f"(no fragment cache), not {cache!r}."
+            )
     router = config["ROUTER"] or os.environ.get(ENV_ROUTER)
     if router is not None:
         from parallel_render.protocol import parse_address
@@ -131,10 +142,11 @@ def get_config() -> dict[str, Any]:
 
 def clear_config(**kwargs: Any) -> None:
     """setting_changed receiver, so override_settings(PARALLEL_RENDER=...) works."""
-    if kwargs.get("setting") in (None, "PARALLEL_RENDER", "SECRET_KEY", "DEBUG"):
+    if kwargs.get("setting") in (None, "PARALLEL_RENDER", "SECRET_KEY", "DEBUG", "CACHES"):
         get_config.cache_clear()
-        from parallel_render import codec, keys, sealing
+        from parallel_render import cache, codec, keys, sealing
 
+        cache.reset()
         keys.clear_cache()
         sealing.clear_cache()
         codec.custom_codecs.cache_clear()

@@ -18,6 +18,14 @@ class BlockReport:
     reason: str | None  # None: the block can run in parallel
     # What the block reads, as dotted paths (request.COOKIES.theme, user.username; user: read whole).
     names: list[str] = field(default_factory=list)
+    # A cached block: the per-request values it reads that no key= names (parallel_render.cache).
+    unkeyed: list[str] = field(default_factory=list)
+
+    @property
+    def cache_warning(self) -> str | None:
+        if not self.unkeyed:
+            return None
+        return f"cached, but reads {', '.join(self.unkeyed)} without a key= naming it"
 
     @property
     def status(self) -> str:
@@ -52,6 +60,7 @@ def _might_use_tag(engine: Any, name: str) -> bool:
 
 def project_blocks() -> Iterator[BlockReport]:
     """Static report for every block in every Django engine's templates."""
+    from parallel_render.cache import unkeyed_reads
     from parallel_render.templatetags.parallel import parallel_nodes
 
     for backend in engines.all():
@@ -70,7 +79,8 @@ def project_blocks() -> Iterator[BlockReport]:
                 if node.template_name != name:
                     continue
                 analysis = node.get_analysis(engine)
-                yield BlockReport(name, node.line, node.static_reason or analysis.reason, analysis.read_paths())
+                yield BlockReport(name, node.line, node.static_reason or analysis.reason, analysis.read_paths(),
+                                  unkeyed_reads(node, engine))
 
 
 class _RecordingClient:

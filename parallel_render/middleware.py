@@ -11,6 +11,7 @@ import orjson
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponse
 
+from parallel_render import cache as fragment_cache
 from parallel_render import conf, sealing, session, signals, streaming
 from parallel_render import protocol as p
 from parallel_render.client import get_client
@@ -129,8 +130,12 @@ def resolve(current: session.RenderSession) -> None:
     if not pending and not current.bundle:
         return
     current.send_bundle()
-    pending = current.fragments[current.resolved:]
+    # The page's cached blocks, in one get_many: hits go in the page, misses out now.
+    fragment_cache.resolve_lookups(current)
+    pending = [f for f in current.fragments[current.resolved:] if f.index not in current.html]
     current.resolved = len(current.fragments)
+    if not pending:
+        return
     html, timings = gather(current, pending)
     current.html.update(html)
     current.timings.extend(timings)
@@ -211,6 +216,8 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
             result, why, kind = _result(f, answer, decoded, client.binding)
         if result is not None:
             html[f.index] = result["html"]
+            if f.cache is not None:
+                fragment_cache.filled(f, result["html"], own=True, by_worker=True)
             f.node.observe(result["ms"], result.get("cpu"))
             nested = f" +{result['nested']} nested" if result.get("nested") else ""
             timing[f.index] = (
@@ -241,6 +248,8 @@ def _render_here(
     started, cpu_started = time.perf_counter(), time.thread_time()
     html = f.node.rescue(f, why, kind)
     ms = (time.perf_counter() - started) * 1000
+    if f.cache is not None:
+        fragment_cache.filled(f, html, own=not f.node.stands_in(kind))
     if measure:
         f.node.observe(ms, (time.thread_time() - cpu_started) * 1000)
     if signals.block_finished.receivers:

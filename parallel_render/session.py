@@ -6,6 +6,7 @@ import contextvars
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,11 @@ class Pending:
     expiry_ms: int = 0
     # time.monotonic() when its tag began rendering; 0.0 unless block_finished has receivers.
     began: float = 0.0
+    # A cached block (parallel_render.cache.Lookup): looked up with the page's other cached
+    # blocks before it goes out; `job` encodes its job, sent on a miss (None: the master renders
+    # a miss itself, for the reason in `unsent`).
+    cache: Any = None
+    job: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -62,6 +68,8 @@ class RenderSession:
     held: list = field(default_factory=list)
     # False for a dry run (parallel_check --url): renders leave their placeholders.
     stitch: bool = True
+    # Cached blocks not looked up yet: one get_many for them all when the page is gathered.
+    lookups: list[Pending] = field(default_factory=list)
 
     def unresolved(self) -> bool:
         """Whether some block went out (or waits in the bundle) and has not been gathered."""

@@ -18,7 +18,8 @@ A block's outcome is one of:
   no idle worker, a value that cannot be sent, no render session for this request, ...);
 - "rescued": it was sent (or meant to go in a bundle) and the master rendered it itself
   afterwards: taken back before a worker started it, refused, lost or failed (`reason`);
-- "fallback": its `{% fallback %}` part stands in for it (it failed or timed out).
+- "fallback": its `{% fallback %}` part stands in for it (it failed or timed out);
+- "cached": its HTML came from the fragment cache (`{% parallel cache=... %}`, docs/cache.md).
 
 Nothing is built or sent while no receiver is connected: senders test `block_finished.receivers`
 (a list, so the test is one attribute read) before they make a record.
@@ -34,8 +35,8 @@ from typing import Any, Literal
 
 from django.dispatch import Signal
 
-Outcome = Literal["sent", "inline", "rescued", "fallback"]
-OUTCOMES: tuple[Outcome, ...] = ("sent", "inline", "rescued", "fallback")
+Outcome = Literal["sent", "inline", "rescued", "fallback", "cached"]
+OUTCOMES: tuple[Outcome, ...] = ("sent", "inline", "rescued", "fallback", "cached")
 
 # The reason of a block rendered where no render session is active.
 NO_SESSION = "no render session (no middleware, ENABLED off, no router, or a serial request)"

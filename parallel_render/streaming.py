@@ -28,6 +28,7 @@ from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.http import HttpResponseBase, StreamingHttpResponse
 from django.template.response import SimpleTemplateResponse, TemplateResponse
 
+from parallel_render import cache as fragment_cache
 from parallel_render import rendering, session
 
 logger = logging.getLogger("parallel_render")
@@ -158,6 +159,7 @@ def stream(current: session.RenderSession, response: Any, asynchronous: bool = F
     from parallel_render.middleware import server_timing_enabled
 
     current.send_bundle()  # the cheap blocks still waiting go out before the first byte
+    fragment_cache.resolve_lookups(current)  # cached blocks: hits in the first chunk, misses out now
     body = BlockStream(current, response.content, response.charset)
     streamed = StreamingHttpResponse(status=response.status_code)
     streamed.headers = response.headers

@@ -28,7 +28,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from parallel_render.signals import BlockRecord, block_finished
+from parallel_render.signals import OUTCOMES, BlockRecord, block_finished
 
 SEGMENTS = ("submit", "queue", "render", "stitch")
 
@@ -111,7 +111,7 @@ def rows(records: Iterable[BlockRecord]) -> dict[str, Any]:
         })
     ticks = [{"ms": round(k * step, 1) if step < 1 else int(k * step), "left": round(100 * k * step / axis, 2)}
              for k in range(round(axis / step) + 1)]
-    counts = {o: sum(1 for r in records if r.outcome == o) for o in ("sent", "inline", "rescued", "fallback")}
+    counts = {o: sum(1 for r in records if r.outcome == o) for o in OUTCOMES}
     return {"rows": out, "end_ms": round(end, 1), "axis_ms": axis, "ticks": ticks, "counts": counts}
 
 

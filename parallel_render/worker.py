@@ -78,6 +78,9 @@ class Worker:
         self._token_prefix = secrets.token_hex(12)
         # With PARALLEL_RENDER['OTEL'], each block renders in a span, the child of its master's.
         self.traced = tracing.worker_setup()
+        # Cached blocks rendered in the last job, stored once its result is sent (the page
+        # need not wait for the cache): (the job's store instruction, HTML).
+        self.to_store: list[tuple[Any, str]] = []
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -196,6 +199,7 @@ class Worker:
                     last = bool(self.max_jobs and self.jobs_done >= self.max_jobs) or self.stopping
                     out = p.encode(p.RESULT, frame.job_id, result)
                     sock.sendall(out if last else out + READY_FRAME)
+                    self.store_fragments()
                     if last:
                         return
                 elif frame.type == p.PROTOCOL_ERROR:
@@ -259,6 +263,15 @@ class Worker:
             sealed = self.seal.seal(sealing.KIND_RESULT, job.identity, job.expiry_ms, orjson.dumps(too_big))
         return sealed
 
+    def store_fragments(self) -> None:
+        """Store the cached blocks the last job rendered (parallel_render.cache)."""
+        if self.to_store:
+            from parallel_render import cache
+
+            stores, self.to_store = self.to_store, []
+            for instruction, html in stores:
+                cache.store_from_job(instruction, html)
+
     def end_request(self) -> None:
         """Send request_finished for the burst of jobs since request_started, if one is open."""
         if self.in_request:
@@ -276,6 +289,8 @@ class Worker:
         try:
             html, nested = render_job(job, self.nested_client, deadline, token)
             result: dict[str, Any] = {"ok": True, "html": html, "nested": nested}
+            if "cache" in job:
+                self.to_store.append((job["cache"], html))
         except Exception as exc:
             result = self._failure(exc)
         result["n"] = nonce

@@ -1,7 +1,8 @@
-"""{% parallel [timeout=S] [with a=expr ...] [only] %} ... [{% fallback %} ...] {% endparallel %}"""
+"""{% parallel [timeout=S] [cache=S [key=expr ...]] [with a=expr ...] [only] %} ... [{% fallback %} ...] {% endparallel %}"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import sys
@@ -15,6 +16,7 @@ from django.template import Context, Node, NodeList, TemplateSyntaxError
 from django.template.base import FilterExpression, Variable, token_kwargs
 
 from parallel_render import analysis, codec, conf, policy, sealing, session, signals, tracing
+from parallel_render import cache as fragment_cache
 from parallel_render.client import RouterUnavailable
 from parallel_render.fragments import capture_env, engine_alias, render_captured
 
@@ -47,6 +49,8 @@ class ParallelNode(Node):
         digest: str,
         static_reason: str | None,
         line: int,
+        cache: FilterExpression | None = None,
+        cache_keys: list[FilterExpression] | None = None,
     ) -> None:
         self.nodelist = nodelist
         self.fallback = fallback
@@ -58,6 +62,9 @@ class ParallelNode(Node):
         self.digest = digest
         self.static_reason = static_reason
         self.line = line
+        # cache=SECONDS and its key= expressions (parallel_render.cache, docs/cache.md).
+        self.cache = cache
+        self.cache_keys = cache_keys or []
         self._analysis: analysis.Analysis | None = None
         self._logged: set[str] = set()
         self._cache_nodes: list[Any] | None = None
@@ -90,6 +97,10 @@ class ParallelNode(Node):
 
     def render(self, context: Context) -> str:
         current = session.current()
+        if self.cache is not None:
+            cached = self.cache_lookup(context)
+            if cached is not None:
+                return self._render_cached(current, context, *cached, sys._getframe(1))
         if current is None:
             return self._render_here(context, signals.NO_SESSION, getattr(context, "request", None))
         began = time.monotonic() if signals.block_finished.receivers else 0.0
@@ -117,13 +128,8 @@ class ParallelNode(Node):
         index = len(current.fragments)
         nonce = f"{current.token}:{index}"
         try:
-            job = {"v": 1, "e": alias, "t": self.template_name, "o": self.ordinal, "h": self.digest,
-                   "n": nonce, "c": encode_values(context, values, self.get_analysis(context.template.engine)),
-                   "env": env}
-            if any(type(v) is dict and "$proc" in v for v in job["c"].values()):
-                job["req"] = codec.Encoder().encode(context.request, "request")
-            if config["OTEL"]:  # its span starts here; its context goes in the job
-                tracing.start_block(self, job, current.request, index)
+            job = self.encode_job(current, context.template.engine, context.request, _processor_values(context),
+                                  values, env, alias, index, nonce)
             body = orjson.dumps(job)
         except codec.Unsendable as exc:
             return self._inline_because(current, context, str(exc))
@@ -156,6 +162,113 @@ class ParallelNode(Node):
         current.fragments.append(pending)
         return current.placeholder(index)
 
+    def encode_job(
+        self, current: session.RenderSession, engine: Any, request: Any, processors: dict[str, Any],
+        values: dict[str, Any], env: dict[str, Any], alias: str, index: int, nonce: str,
+    ) -> dict[str, Any]:
+        """The block's job (before orjson): what a worker needs to render it. Raises codec.Unsendable.
+
+        processors: the values the context processors made (_processor_values), request the
+        context's request: a processor's value that cannot be sent is made again in the worker.
+        """
+        job = {"v": 1, "e": alias, "t": self.template_name, "o": self.ordinal, "h": self.digest,
+               "n": nonce, "c": encode_values(None, values, self.get_analysis(engine), processors),
+               "env": env}
+        if any(type(v) is dict and "$proc" in v for v in job["c"].values()):
+            job["req"] = codec.Encoder().encode(request, "request")
+        if conf.get_config()["OTEL"]:  # its span starts here; its context goes in the job
+            tracing.start_block(self, job, current.request, index)
+        return job
+
+    # -- the fragment cache (parallel_render.cache) -------------------------------------------
+
+    def cache_lookup(self, context: Context) -> tuple[fragment_cache.Lookup, dict[str, Any]] | None:
+        """Where this render of a cached block lives in the fragment cache, and its rendering
+        state; None when it renders uncached (cache=0 or None, no usable fragment cache, a time
+        zone that cannot be named)."""
+        if not fragment_cache.usable():
+            return None
+        try:
+            ttl = fragment_cache.seconds(self.cache.resolve(context))
+        except ValueError as exc:
+            if str(exc) not in self._logged:
+                self._logged.add(str(exc))
+                logger.warning("block %s: %s; it renders uncached", self.label, exc)
+            return None
+        env = capture_env(context) if ttl is not None else None
+        if env is None:
+            return None
+        values = [fe.resolve(context) for fe in self.cache_keys]
+        return fragment_cache.Lookup(fragment_cache.block_key(self, values, env), ttl), env
+
+    def _render_cached(
+        self, current: session.RenderSession | None, context: Context, entry: fragment_cache.Lookup,
+        env: dict[str, Any], frame: Any,
+    ) -> str:
+        """A cached block: with a render session, a placeholder whose lookup waits for the page's
+        one get_many (a miss goes to a worker, or to the master where an uncached block would
+        render inline); without one, or where a placeholder cannot stand in for it (inside a tag
+        that changes its output), its own lookup here and a render in place on a miss."""
+        request = getattr(context, "request", None) if current is None else current.request
+        timeout = self.resolve_timeout(context)
+        here = signals.NO_SESSION if current is None else (self.static_reason or enclosure_reason(self, frame))
+        if here is None and current.deadline is not None:
+            timeout = min(timeout, current.deadline - time.monotonic())
+            if timeout <= 0.001:
+                here = "the enclosing block's deadline has passed"
+        if here is not None:
+            if current is not None:
+                current.inline.append((self.label, here))
+            return self._cached_here(context, entry, timeout, here, request)
+        began = time.monotonic()
+        config = conf.get_config()
+        why = None
+        if config["MIN_BLOCK_MS"] and self.cost_ms is not None and self.cost_ms < config["MIN_BLOCK_MS"]:
+            why = "cheap"
+        elif config["ADAPTIVE"] and not policy.should_send(current.client.load(), self.cost_ms, current.nested, self.cpu_ms):
+            why = "no idle worker" if policy.cpu_room.has_room() else "every CPU busy"
+        else:
+            why = self.reason_inline(context, frame)
+        try:
+            values = self.capture_values(context)
+        except codec.Unsendable as exc:
+            # Nothing to render it from later: it is looked up and rendered here, now.
+            current.inline.append((self.label, str(exc)))
+            return self._cached_here(context, entry, timeout, str(exc), request)
+        alias = engine_alias(context.template.engine)
+        index = len(current.fragments)
+        nonce = f"{current.token}:{index}"
+        job = None
+        if why is None and alias is not None:
+            # Encoded only on a miss (a hit costs no encoding), from the values captured now.
+            job = functools.partial(self.encode_job, current, context.template.engine, getattr(context, "request", None),
+                                    _processor_values(context), values, env, alias, index, nonce)
+        elif alias is None:
+            why = "its template engine cannot be carried"
+        now = time.monotonic()
+        pending = session.Pending(
+            index, 0, self, values, env, context.template, nonce, now, now + timeout, current.nested,
+            began=began if signals.block_finished.receivers else 0.0, cache=entry, job=job,
+            unsent=f"not in the fragment cache, and renders here: {why}" if why else "",
+        )
+        current.fragments.append(pending)
+        current.lookups.append(pending)
+        return current.placeholder(index)
+
+    def _cached_here(
+        self, context: Context, entry: fragment_cache.Lookup, timeout: float, reason: str, request: Any
+    ) -> str:
+        """A cached block looked up on its own, and rendered in place on a miss."""
+
+        def render() -> tuple[str, bool]:
+            html, failure = self._render_reported(context, reason, request)
+            return html, failure is None
+
+        html, hit = fragment_cache.render_here(entry, timeout, render)
+        if hit and signals.block_finished.receivers:
+            signals.send(self, "cached", "", request)
+        return html
+
     def _render_measured(self, current: session.RenderSession, context: Context, reason: str) -> str:
         current.inline.append((self.label, reason))
         return self._render_here(context, reason, current.request, measure=True)
@@ -165,9 +278,15 @@ class ParallelNode(Node):
 
         measure: its time feeds the block's cost model (observe()).
         """
+        return self._render_reported(context, reason, request, measure)[0]
+
+    def _render_reported(
+        self, context: Context, reason: str, request: Any, measure: bool = False
+    ) -> tuple[str, Exception | None]:
+        """_render_here(), and the failure its {% fallback %} stood in for (None: its own HTML)."""
         report = signals.block_finished.receivers
         if not report and not measure:
-            return self.render_inline(context)
+            return self._render_inline(context)
         started, cpu_started = time.perf_counter(), time.thread_time()
         html, failure = self._render_inline(context)
         ms = (time.perf_counter() - started) * 1000
@@ -182,7 +301,7 @@ class ParallelNode(Node):
             else:
                 signals.send(self, "fallback", f"failed: {type(failure).__name__}: {failure}", request, render_ms=ms,
                              start_ms=at, render_start_ms=at)
-        return html
+        return html, failure
 
     def render_inline(self, context: Context) -> str:
         """Render the block here, exactly as it would render without the plugin."""
@@ -374,13 +493,16 @@ def _snapshot_loops(context: Context, values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def encode_values(context: Context, values: dict[str, Any], reads: analysis.Analysis | None = None) -> dict[str, Any]:
+def encode_values(
+    context: Context | None, values: dict[str, Any], reads: analysis.Analysis | None = None,
+    processors: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Encode what a block reads (only the parts it reads, given its analysis). A value that cannot
     be sent but comes from a context processor listed in WORKER_CONTEXT_PROCESSORS is made again
-    by that processor in the worker."""
+    by that processor in the worker. processors: what the processors made, if not context's."""
     encoder = codec.Encoder(reads)
     rerun = conf.get_config()["WORKER_CONTEXT_PROCESSORS"]
-    made_by_processors = context.dicts[context._processors_index] if hasattr(context, "_processors_index") else {}
+    made_by_processors = _processor_values(context) if processors is None else processors
     encoded = {}
     for name, value in values.items():
         try:
@@ -391,6 +513,11 @@ def encode_values(context: Context, values: dict[str, Any], reads: analysis.Anal
                 raise
             encoded[name] = {"$proc": name}
     return encoded
+
+
+def _processor_values(context: Context | None) -> dict[str, Any]:
+    """The values the context processors made for this render (a RequestContext's own dict)."""
+    return context.dicts[context._processors_index] if hasattr(context, "_processors_index") else {}
 
 
 def enclosure_reason(node: ParallelNode, frame: Any) -> str | None:
@@ -468,11 +595,25 @@ def _positive_seconds(value: Any) -> float | None:
 def do_parallel(parser: Any, token: Any) -> ParallelNode:
     bits = token.split_contents()[1:]
     timeout = None
+    cache = None
+    cache_keys: list[FilterExpression] = []
     extra: dict[str, FilterExpression] = {}
     isolated = False
     while bits:
         bit = bits.pop(0)
-        if bit.startswith("timeout="):
+        if bit.startswith("cache="):
+            if cache is not None:
+                raise TemplateSyntaxError("{% parallel %} got cache= twice")
+            cache = parser.compile_filter(bit[len("cache="):])
+            literal = cache.var if not isinstance(cache.var, Variable) else cache.var.literal
+            if literal is not None and not cache.filters:
+                try:
+                    fragment_cache.seconds(literal)
+                except ValueError as exc:
+                    raise TemplateSyntaxError(f"{{% parallel {bit} %}}: {exc}") from None
+        elif bit.startswith("key="):
+            cache_keys.append(parser.compile_filter(bit[len("key="):]))
+        elif bit.startswith("timeout="):
             if timeout is not None:
                 raise TemplateSyntaxError("{% parallel %} got timeout= twice")
             timeout = parser.compile_filter(bit[len("timeout="):])
@@ -489,8 +630,11 @@ def do_parallel(parser: Any, token: Any) -> ParallelNode:
             isolated = True
         else:
             raise TemplateSyntaxError(
-                f"{{% parallel %}} got an unknown argument {bit!r}; it takes timeout=S, with a=b ..., and only"
+                f"{{% parallel %}} got an unknown argument {bit!r}; it takes timeout=S, cache=S, key=expr ..., "
+                "with a=b ..., and only"
             )
+    if cache_keys and cache is None:
+        raise TemplateSyntaxError("{% parallel key=... %} needs cache=SECONDS: key= values name a cached block's entry")
     ordinal = getattr(parser, "_parallel_ordinal", -1) + 1
     parser._parallel_ordinal = ordinal
     enclosing = [cmd for cmd, _tok in parser.command_stack if cmd not in TRANSPARENT_COMMANDS]
@@ -513,5 +657,5 @@ def do_parallel(parser: Any, token: Any) -> ParallelNode:
         static_reason = f"inside {{% {enclosing[-1]} %}}, which may change its output"
     return ParallelNode(
         nodelist, fallback, timeout, extra, isolated, template_name if isinstance(template_name, str) else None,
-        ordinal, digest, static_reason, token.lineno,
+        ordinal, digest, static_reason, token.lineno, cache, cache_keys,
     )

@@ -30,6 +30,8 @@ class Command(BaseCommand):
             style = self.style.SUCCESS if report.reason is None else self.style.WARNING
             reads = f"  reads: {', '.join(report.names)}" if report.names and report.reason is None else ""
             self.stdout.write(f"  line {report.line:<5} " + style(report.status) + reads)
+            if report.cache_warning is not None:
+                self.stdout.write("             " + self.style.WARNING(f"warning: {report.cache_warning}"))
         self.stdout.write(f"{total} blocks, {total - inline} parallel, {inline} inline")
         for path in options["url"]:
             try:
