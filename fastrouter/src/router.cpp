@@ -101,7 +101,7 @@ void Router::closed(uint64_t id) {
     if (!c) return;
     if (c->state == ConnState::kOpen && c->in.buffered() > 0 && !c->warned) {
         c->warned = true;
-        log_info("%s connection %" PRIu64 " closed in the middle of a frame (%zu bytes unparsed)",
+        log_peer("%s connection %" PRIu64 " closed in the middle of a frame (%zu bytes unparsed)",
                  role_name(c->role), c->id, c->in.buffered());
     }
     detach(c);
@@ -161,7 +161,7 @@ void Router::take_pending(std::vector<uint64_t>* out) {
 
 void Router::kill(Conn* c) {
     if (c->state == ConnState::kDead) return;
-    log_info("disconnecting %s connection %" PRIu64 ": %zu bytes of output unread (limit %zu)",
+    log_peer("disconnecting %s connection %" PRIu64 ": %zu bytes of output unread (limit %zu)",
              role_name(c->role), c->id, c->out.size(), cfg_.max_output);
     c->state = ConnState::kDead;
     c->out.clear();
@@ -312,7 +312,7 @@ void Router::protocol_error(Conn* c, const char* reason) {
     stats_.protocol_errors++;
     if (!c->warned) {
         c->warned = true;
-        log_info("protocol error from %s connection %" PRIu64 ": %s; closing it",
+        log_peer("protocol error from %s connection %" PRIu64 ": %s; closing it",
                  role_name(c->role), c->id, reason);
     }
     send(c, kProtocolError, 0, 0, 0, reinterpret_cast<const uint8_t*>(reason),
@@ -652,7 +652,7 @@ void Router::on_result(Conn* c, const Frame& f, int64_t now) {
         stats_.dropped++;
         if (!c->warned) {
             c->warned = true;
-            log_info("worker connection %" PRIu64 " sent RESULT for job %" PRIu64
+            log_peer("worker connection %" PRIu64 " sent RESULT for job %" PRIu64
                      " which it does not hold; dropped",
                      c->id, rid);
         }

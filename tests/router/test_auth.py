@@ -172,6 +172,35 @@ def test_wrong_proof_is_refused_counted_and_logged_once_without_the_key(router):
     assert router.key.hex() not in err
 
 
+def test_a_flood_of_bad_proofs_is_logged_in_a_few_lines_and_a_count(router):
+    """Each refused peer is one line, up to a burst of 20 and then 5 a second: an attacker who
+    cannot get in cannot fill the operator's log either. The next line says what was left out."""
+
+    def liar() -> None:
+        peer = Peer(router.address)
+        np = os.urandom(32)
+        peer.send_raw(hello(WORKER, np))
+        challenge = peer.expect(CHALLENGE)
+        peer.send(AUTH, payload=peer_proof(os.urandom(32), WORKER, np, challenge.payload[:32]))
+        refused(peer, b"authentication failed")
+        peer.close()
+
+    started = time.monotonic()
+    for _ in range(150):
+        liar()
+    took = time.monotonic() - started
+    round_trip(router.address)
+    assert stats(router.address)["auth_failures"] == 150
+    logged = router.stderr().count("protocol error")
+    assert 20 <= logged <= 20 + 5 * took + 1, (logged, took)
+    assert "left out" not in router.stderr()
+    time.sleep(0.5)  # room for two more lines: the count of those left out comes with the next
+    liar()
+    round_trip(router.address)
+    found = re.search(r"\((\d+) more messages about peers were left out", router.stderr())
+    assert found and int(found.group(1)) == 150 - logged, router.stderr()
+
+
 def test_a_peer_replaying_a_recorded_auth_is_refused(router):
     """An eavesdropper records a whole handshake; replayed on a new connection it fails (new Nr)."""
     np = os.urandom(32)
