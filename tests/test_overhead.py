@@ -165,3 +165,14 @@ def test_a_job_gets_a_render_session_only_when_its_block_may_nest_another(body, 
     name, _path = generated("{% load parallel i18n %}{% parallel %}" + body + "{% endparallel %}")
     node = parallel_nodes(engines["django"].engine.get_template(name))[0]
     assert may_nest(node) is nests
+
+
+@pytest.mark.parametrize("bench", ["overhead", "load"])
+def test_a_missing_psutil_says_which_extra_to_install(monkeypatch, bench):
+    import sys
+
+    from django.core.management.base import CommandError
+
+    monkeypatch.setitem(sys.modules, "psutil", None)  # as if it were not installed
+    with pytest.raises(CommandError, match=r"psutil, which is not installed: pip install 'parallel_render\[node\]'"):
+        call_command("parallel_bench", bench)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
+from parallel_render.bench import need_psutil
 from parallel_render.bench.capacity import _Fetcher
 from parallel_render.bench.stats import summary, table
 from parallel_render.process import die_with_parent
@@ -724,6 +725,7 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         pages, levels = parse_pages(options["pages"]), parse_levels(options["levels"])
     except ValueError as exc:
         raise CommandError(str(exc)) from None
+    need_psutil("load")
     if min(options["duration"], options["timeout"], options["max_slice"]) <= 0 or options["slices"] < 1 or options["warmup"] < 0:
         raise CommandError("--duration, --timeout and --max-slice must be positive, --slices at least 1, --warmup not negative")
     for name in ("masters", "workers", "threads"):

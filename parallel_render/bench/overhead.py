@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from parallel_render.bench import need_psutil
 from parallel_render.bench.stats import summary, table
 
 HELP = "CPU each block costs the master, the router and the workers (parallel minus serial)"
@@ -180,6 +181,7 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
     for name in ("blocks", "pages", "rounds", "workers"):
         if options[name] < 1:
             raise CommandError(f"--{name} must be at least 1")
+    need_psutil("overhead")
     blocks = options["blocks"]
     path = options["path"].format(blocks=blocks)
     command = (
