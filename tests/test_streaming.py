@@ -374,3 +374,19 @@ def test_assert_parallel_equals_serial_reads_a_streamed_page(parallel):
     assert response.streaming
     with pytest.raises(AssertionError, match="no block was rendered by a worker"):
         assert_parallel_equals_serial(Client(), "/st/stream/?marker=h&n=2", HTTP_X_PARALLEL_RENDER="serial")
+
+
+@pytest.mark.parametrize("gunicorn", ["gthread"], indirect=True)
+def test_parallel_bench_stream_measures_both_modes_and_checks_the_pages(gunicorn):
+    from parallel_render.bench import BenchError
+    from parallel_render.bench.stream import format_results, run
+
+    result = run(gunicorn, "/tr/stream/?marker=x&n=3", "/st/stream/?marker=x&n=3", requests=4, warmup=1)
+    for mode in ("buffered", "streamed"):
+        assert result[mode]["ttfb"]["n"] == 4 and 0 < result[mode]["ttfb"]["p50"] <= result[mode]["total"]["p50"]
+    table = format_results([{"latency": 0, "result": result}], "header")
+    assert "| 0          | streamed / buffered |" in table and "TTFB p50" in table
+    with pytest.raises(BenchError, match=r"was not streamed \(no chunked body\)"):
+        run(gunicorn, "/tr/stream/?marker=x&n=3", "/tr/stream/?marker=x&n=3", requests=1, warmup=0)
+    with pytest.raises(BenchError, match="the streamed and buffered pages differ at byte"):
+        run(gunicorn, "/tr/stream/?marker=x&n=3", "/st/stream/?marker=y&n=3", requests=1, warmup=0)

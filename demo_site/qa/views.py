@@ -11,6 +11,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 
+from parallel_render.streaming import StreamingTemplateResponse
 from parallel_render.waterfall import recording, render_waterfall
 
 from .models import Question
@@ -98,6 +99,13 @@ def question_blocks(request: HttpRequest, pk: int) -> HttpResponse:
     """The question page without its first screen: the same blocks, nothing measured or timed,
     so the page is the same whichever way it renders (`parallel_bench load`'s mixed page)."""
     return render(request, "qa/question_blocks.html", _question_context(request, pk))
+
+
+def question_stream(request: HttpRequest, pk: int) -> HttpResponse:
+    """The same page as question_blocks, streamed: the browser gets the question at once, then
+    each answer and side box as its block arrives, in page order (parallel_render.streaming;
+    `parallel_bench stream` compares the two)."""
+    return StreamingTemplateResponse(request, "qa/question_blocks.html", _question_context(request, pk))
 
 
 def question_detail(request: HttpRequest, pk: int) -> HttpResponse:
