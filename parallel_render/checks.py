@@ -247,3 +247,27 @@ def check_tracing(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
                 id="parallel_render.E005",
             )]
     return []
+
+
+@checks.register(checks.Tags.urls)
+def check_streaming(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Views that stream their blocks, where a middleware that needs the whole body wraps ours."""
+    from parallel_render import streaming
+
+    wrapper = streaming.body_middleware_around_ours(tuple(getattr(settings, "MIDDLEWARE", None) or ()))
+    if wrapper is None:
+        return []
+    try:
+        views = streaming.streaming_views()
+    except Exception:  # a broken URLconf is Django's own check to report
+        return []
+    if not views:
+        return []
+    return [checks.Warning(
+        f"{wrapper} wraps {MIDDLEWARE_PATH} and needs the whole body, so views that stream their "
+        f"blocks are served buffered: {', '.join(views[:5])}{' and more' if len(views) > 5 else ''}.",
+        hint=f"To stream, take {wrapper} out of MIDDLEWARE (compress in the proxy in front, which "
+             "can compress a chunked response as it passes); to keep it, add 'parallel_render.W008' "
+             "to SILENCED_SYSTEM_CHECKS.",
+        id="parallel_render.W008",
+    )]

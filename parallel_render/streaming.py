@@ -103,12 +103,15 @@ def stream_blocks(view: V) -> V:
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
             return opt_in(await view(*args, **kwargs))
 
-        return functools.wraps(view)(async_wrapper)  # type: ignore[return-value]
+        wrapped: Any = functools.wraps(view)(async_wrapper)
+    else:
 
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return opt_in(view(*args, **kwargs))
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return opt_in(view(*args, **kwargs))
 
-    return functools.wraps(view)(wrapper)  # type: ignore[return-value]
+        wrapped = functools.wraps(view)(wrapper)
+    wrapped.streams_blocks = True  # for the system check (streaming_views)
+    return wrapped  # type: ignore[no-any-return]
 
 
 def declined() -> str | None:
@@ -119,6 +122,38 @@ def declined() -> str | None:
     if why is not None:
         _log_once("streaming declined, pages are served buffered: %s", why)
     return why
+
+
+def streaming_views() -> list[str]:
+    """The URL patterns whose views are known to stream: decorated with @stream_blocks, or
+    class-based with a StreamingTemplateResponse response_class (a function view that returns
+    one is only known when it runs)."""
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    found: list[str] = []
+
+    def walk(patterns: list[Any], prefix: str) -> None:
+        for pattern in patterns:
+            if isinstance(pattern, URLResolver):
+                walk(pattern.url_patterns, prefix + str(pattern.pattern))
+            elif isinstance(pattern, URLPattern) and _streams(pattern.callback):
+                found.append(prefix + str(pattern.pattern))
+
+    walk(get_resolver().url_patterns, "")
+    return found
+
+
+def _streams(view: Any) -> bool:
+    if getattr(view, "streams_blocks", False):
+        return True
+    response_class = getattr(getattr(view, "view_class", None), "response_class", None)
+    return isinstance(response_class, type) and issubclass(response_class, StreamingTemplateResponseMixin)
+
+
+def body_middleware_around_ours(middleware: tuple[str, ...]) -> str | None:
+    """The first middleware that needs the whole body and wraps ParallelRenderMiddleware."""
+    why = _declined(middleware)
+    return why.split(" ", 1)[0] if why is not None and why.endswith("needs the whole body") else None
 
 
 @functools.cache

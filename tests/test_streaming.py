@@ -390,3 +390,19 @@ def test_parallel_bench_stream_measures_both_modes_and_checks_the_pages(gunicorn
         run(gunicorn, "/tr/stream/?marker=x&n=3", "/tr/stream/?marker=x&n=3", requests=1, warmup=0)
     with pytest.raises(BenchError, match="the streamed and buffered pages differ at byte"):
         run(gunicorn, "/tr/stream/?marker=x&n=3", "/st/stream/?marker=y&n=3", requests=1, warmup=0)
+
+
+def test_system_check_names_the_streaming_views_a_body_middleware_keeps_buffered(settings):
+    from parallel_render.checks import check_streaming
+
+    assert check_streaming() == []
+    with override_settings(MIDDLEWARE=["django.middleware.gzip.GZipMiddleware", *settings.MIDDLEWARE]):
+        (warning,) = check_streaming()
+    assert warning.id == "parallel_render.W008"
+    assert (
+        "django.middleware.gzip.GZipMiddleware wraps parallel_render.middleware.ParallelRenderMiddleware" in warning.msg
+    )
+    # Decorated and class-based views are known; a view that returns the response is not.
+    assert "st-decorated/<str:name>/, st-cbv/<str:name>/, st-rendered/<str:name>/, st-async/<str:name>/" in warning.msg
+    with override_settings(MIDDLEWARE=[*settings.MIDDLEWARE, "django.middleware.gzip.GZipMiddleware"]):
+        assert check_streaming() == []  # inside ours: W001's business
