@@ -56,7 +56,9 @@ class Lookup:
 
     @property
     def lock(self) -> str:
-        return self.key + ":lock"
+        # Per version: a render of the entry for an older version (before a bump()) does not
+        # hold up the renders of the current one.
+        return f"{self.key}:lock:{self.version}"
 
     def store_instruction(self) -> dict[str, Any]:
         """What a job carries so that its worker stores the HTML (and releases the lock)."""

@@ -288,3 +288,27 @@ def test_a_streamed_page_looks_its_cached_blocks_up_before_its_first_byte(node):
     second = Client().get(path)
     assert b"".join(second.streaming_content) == body
     assert outcomes(second) == ["cached"] * 3 and tally(m) == 3
+
+
+def test_the_cache_bench_prints_its_table(transactional_db):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    path = f"/p/frag_cache/?n=3&marker={marker()}"
+    call_command("parallel_bench", "cache", path, "--requests", "2", "--workers", "1", "--backend", "redis", stdout=out)
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in out.getvalue().splitlines() if "|" in line}
+    warm = [c.strip() for c in rows[("redis", "warm")].split("|")]
+    assert warm[7] == "1.00" and warm[8] == "3.00"  # one round trip, every block from the cache
+    assert [c.strip() for c in rows[("redis", "cold")].split("|")][9] == "3.00"  # every block sent
+
+
+def test_a_process_local_cache_is_filled_by_the_master(parallel):
+    """The suite's default cache is a LocMemCache: workers render the misses, the master stores them."""
+    m = marker()
+    path = f"/p/frag_cache/?n=3&marker={m}"
+    cold = Client().get(path)
+    assert outcomes(cold) == ["sent"] * 3
+    warm = Client().get(path)
+    assert outcomes(warm) == ["cached"] * 3 and warm.content == cold.content and tally(m) == 3

@@ -28,6 +28,13 @@ def _latency(request: HttpRequest) -> int:
     return max(0, min(value, MAX_LATENCY_MS))
 
 
+def _cache_seconds(request: HttpRequest) -> int:
+    try:
+        return max(0, min(int(request.GET.get("cache", "0")), 3600))
+    except ValueError:
+        return 0
+
+
 def _query(latency: int, serial: bool) -> str:
     params = {}
     if latency:
@@ -82,6 +89,8 @@ def _question_context(request: HttpRequest, pk: int) -> dict:
         "related": related,
         "top_writers": top_writers,
         "latency": latency,
+        # ?cache=SECONDS caches the blocks for that long (parallel_bench cache measures it); off by default.
+        "cache_seconds": _cache_seconds(request),
         "serial": serial,
         "master_pid": os.getpid(),
         # Query string that keeps the current mode and latency, for links inside blocks.

@@ -14,7 +14,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from parallel_render.bench import BenchError
 
-BENCHES = ("page", "router", "capacity", "ab", "overhead", "load", "stream")
+BENCHES = ("page", "router", "capacity", "ab", "overhead", "load", "cache", "stream")
 
 
 def _modules() -> dict[str, Any]:
