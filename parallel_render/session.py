@@ -41,6 +41,9 @@ class Pending:
     # a miss itself, for the reason in `unsent`).
     cache: Any = None
     job: Callable[[], dict[str, Any]] | None = None
+    # On a streamed page: a block the dispatch policy kept in the master, rendered there after
+    # the first byte (parallel_render.streaming.defer) instead of before it.
+    deferred: bool = False
 
 
 @dataclass
@@ -70,6 +73,8 @@ class RenderSession:
     stitch: bool = True
     # Cached blocks not looked up yet: one get_many for them all when the page is gathered.
     lookups: list[Pending] = field(default_factory=list)
+    # True while a streamed page's template renders (parallel_render.streaming).
+    streaming: bool = False
 
     def unresolved(self) -> bool:
         """Whether some block went out (or waits in the bundle) and has not been gathered."""

@@ -64,7 +64,11 @@ class StreamingTemplateResponseMixin:
         current = session.current()
         if current is None or current.nested or not current.stitch or declined() is not None:
             return template.render(context, request)
-        return rendering.render_unstitched(template, context, request)
+        current.streaming = True
+        try:
+            return rendering.render_unstitched(template, context, request)
+        finally:
+            current.streaming = False
 
 
 class StreamingTemplateResponse(StreamingTemplateResponseMixin, TemplateResponse):
@@ -183,6 +187,48 @@ def _declined(middleware: tuple[str, ...]) -> str | None:
     return None
 
 
+def defer(node: Any, current: session.RenderSession, context: Any, why: str, frame: Any, began: float) -> str | None:
+    """On a streamed page, a block the dispatch policy keeps in the master (no idle worker,
+    every CPU busy) becomes a placeholder, rendered by the master from the values captured now
+    once the page's first part is sent, rather than before it; None where it must render in
+    place (anything that keeps a block from being sent keeps it from being deferred).
+
+    The stream renders deferred blocks while it waits for a worker's, so the master's share of
+    the page overlaps the workers' as it does on a buffered page.
+    """
+    from parallel_render import codec
+    from parallel_render.fragments import capture_env
+
+    if node.reason_inline(context, frame) is not None:
+        return None
+    try:
+        values = node.capture_values(context)
+    except codec.Unsendable:
+        return None
+    env = capture_env(context)
+    if env is None:
+        return None
+    index = len(current.fragments)
+    now = time.monotonic()
+    pending = session.Pending(
+        index,
+        0,
+        node,
+        values,
+        env,
+        context.template,
+        f"{current.token}:{index}",
+        now,
+        now + node.resolve_timeout(context),
+        current.nested,
+        unsent=why,
+        began=began,
+        deferred=True,
+    )
+    current.fragments.append(pending)
+    return current.placeholder(index)
+
+
 def wants_stream(response: HttpResponseBase, current: session.RenderSession) -> bool:
     """Whether the middleware should stream this response: it opted in, and blocks are out."""
     return bool(getattr(response, "streams_blocks", False)) and not response.streaming and current.unresolved()
@@ -277,10 +323,17 @@ class BlockStream:
                 index = int(match.group(1))
                 f = self.pending.get(index)
                 if f is not None:
-                    if out and not (f.job_id and client.answered([f.job_id])):
-                        report_stitched(current)
-                        yield b"".join(out)
-                        out = []
+                    if not (f.job_id and client.answered([f.job_id])):
+                        if out:
+                            report_stitched(current)
+                            yield b"".join(out)
+                            out = []
+                        # While a worker finishes this one, the master renders its own share.
+                        while not f.deferred and not client.answered([f.job_id]):
+                            later = next((g for g in self.pending.values() if g.deferred and g.index > index), None)
+                            if later is None:
+                                break
+                            self._gather(later)
                     self._gather(f)
                 out.append(html[index].encode(self.charset) if index in html else match.group(0))
             out.append(self.content[at:])
@@ -303,8 +356,12 @@ class BlockStream:
 
     def _gather(self, f: session.Pending) -> None:
         """Gather f and the blocks that share its job (a bundle's blocks come back together)."""
-        from parallel_render.middleware import gather
+        from parallel_render.middleware import NOT_RENDERED, _render_here, gather
 
+        if f.deferred:
+            del self.pending[f.index]
+            self.current.html[f.index] = _render_here(f, f.unsent, NOT_RENDERED, self.current, measure=True)[0]
+            return
         group = [g for g in self.pending.values() if g.job_id == f.job_id] if f.job_id else [f]
         for g in group:
             del self.pending[g.index]

@@ -406,3 +406,23 @@ def test_system_check_names_the_streaming_views_a_body_middleware_keeps_buffered
     assert "st-decorated/<str:name>/, st-cbv/<str:name>/, st-rendered/<str:name>/, st-async/<str:name>/" in warning.msg
     with override_settings(MIDDLEWARE=[*settings.MIDDLEWARE, "django.middleware.gzip.GZipMiddleware"]):
         assert check_streaming() == []  # inside ours: W001's business
+
+
+def test_blocks_the_dispatch_policy_keeps_in_the_master_render_after_the_first_byte(parallel, settings, monkeypatch):
+    from parallel_render import policy
+    from tests.conftest import blocks_of
+
+    # No worker would start a block soon: each renders in the master (ADAPTIVE dispatch).
+    monkeypatch.setattr(policy, "should_send", lambda *args: False)
+    path = "/st/stream/?marker=p&n=2"
+    with override_settings(PARALLEL_RENDER={**settings.PARALLEL_RENDER, "ADAPTIVE": True}):
+        streamed = Client().get(path)
+        chunks = iter(streamed.streaming_content)
+        first = next(chunks)
+        page = first + b"".join(chunks)
+        buffered = Client().get(path.replace("/st/", "/tr/"))
+    # Buffered, they render in place before the first byte; streamed, after it.
+    assert {r.outcome for r in blocks_of(buffered)} == {"inline"}
+    assert first.endswith(b'<h1 id="skeleton">skeleton p</h1>\n')
+    assert [(r.outcome, r.reason) for r in blocks_of(streamed)] == [("rescued", "no idle worker")] * 5
+    assert page == buffered.content == serial_page(path)

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.template import Context, Node, NodeList, TemplateSyntaxError
 from django.template.base import FilterExpression, Variable, token_kwargs
 
-from parallel_render import analysis, codec, conf, policy, sealing, session, signals, tracing
+from parallel_render import analysis, codec, conf, policy, sealing, session, signals, streaming, tracing
 from parallel_render import cache as fragment_cache
 from parallel_render.client import RouterUnavailable
 from parallel_render.fragments import capture_env, engine_alias, render_captured
@@ -113,6 +113,10 @@ class ParallelNode(Node):
             # No worker would start it soon, or no CPU would run it sooner than this one:
             # rendering it here costs the page (and the node) less than sending it.
             why = "no idle worker" if policy.cpu_room.has_room() else "every CPU busy"
+            if current.streaming:  # rendered here after the first byte, not before it
+                deferred = streaming.defer(self, current, context, why, sys._getframe(1), began)
+                if deferred is not None:
+                    return deferred
             return self._render_measured(current, context, why)
         reason = self.reason_inline(context, sys._getframe(1))
         if reason is not None:
