@@ -312,3 +312,29 @@ def test_a_process_local_cache_is_filled_by_the_master(parallel):
     assert outcomes(cold) == ["sent"] * 3
     warm = Client().get(path)
     assert outcomes(warm) == ["cached"] * 3 and warm.content == cold.content and tally(m) == 3
+
+
+def test_a_cached_block_nested_in_a_sent_one_is_looked_up_by_its_worker(node):
+    m = marker()
+    path = f"/p/frag_cache_nested/?marker={m}"
+    first = Client().get(path)
+    assert f"<o><n>{m}</n></o>" in first.content.decode() and tally(m) == 1
+    time.sleep(0.1)
+    second = Client().get(path)
+    assert second.content == first.content and tally(m) == 1
+    assert outcomes(second) == ["sent"]  # the outer block; its worker found the inner one cached
+
+
+def test_a_lock_belongs_to_one_version_of_an_entry(node):
+    key = fragment_cache.KEY_PREFIX + marker()
+    holder = fragment_cache.Lookup(key, 60)
+    holder.version, _hits = fragment_cache.lookup([key])
+    assert fragment_cache.take_lock(holder, 5)
+    assert not fragment_cache.take_lock(fragment_cache.Lookup(key, 60, holder.version), 5)
+    fragment_cache.bump()
+    after = fragment_cache.Lookup(key, 60)
+    after.version, _hits = fragment_cache.lookup([key])
+    assert after.version != holder.version and fragment_cache.take_lock(after, 5)
+    fragment_cache.store(after, "<p>new</p>")
+    fragment_cache.store(holder, "<p>old</p>")  # the older render finishing late is a miss for the new version
+    assert fragment_cache.lookup([key])[1] == {}
