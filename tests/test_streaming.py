@@ -5,6 +5,8 @@ gunicorn (sync and gthread), ASGI and a real browser."""
 from __future__ import annotations
 
 import asyncio
+import decimal
+import hashlib
 import json
 import logging
 import os
@@ -17,15 +19,19 @@ import time
 import urllib.request
 from pathlib import Path
 
+import hypothesis
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
 from django.test import AsyncClient, Client, override_settings
+from hypothesis import strategies as st
 
 from parallel_render import streaming
 from parallel_render.testing import serially
 from tests.conftest import block_pids, rescued, run_concurrently
 from tests.servers import free_port
+from tests.test_property import CONTEXTS, GENERATED
+from tests.test_property import node as generated_node
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -426,3 +432,49 @@ def test_blocks_the_dispatch_policy_keeps_in_the_master_render_after_the_first_b
     assert first.endswith(b'<h1 id="skeleton">skeleton p</h1>\n')
     assert [(r.outcome, r.reason) for r in blocks_of(streamed)] == [("rescued", "no idle worker")] * 5
     assert page == buffered.content == serial_page(path)
+
+
+@pytest.fixture
+def generated_article(parallel):
+    """tests/test_property.py's article: what its generated templates read as obj and qs."""
+    from tests.testapp.models import Article, Author
+
+    author = Author.objects.create(name="Zoë <z>")
+    for i in range(3):
+        Article.objects.create(title=f"T & t{i}", body="", price=decimal.Decimal("3.10") * i, author=author)
+    return Article.objects.select_related("author").first()
+
+
+@hypothesis.settings(
+    max_examples=int(os.environ.get("HYP_STREAM_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+    derandomize=True,
+)
+@hypothesis.given(template=st.lists(generated_node(0), min_size=1, max_size=6).map("".join), context=CONTEXTS)
+def test_generated_templates_stream_the_serial_page(generated_article, template, context):
+    """The property of tests/test_property.py, streamed: for generated templates and contexts,
+    the streamed page's bytes are the serial page's."""
+    from tests.testapp import views
+    from tests.testapp.models import Article
+
+    source = "{% load parallel %}" + template
+    name = "gen_" + hashlib.sha256(source.encode()).hexdigest()[:20] + ".html"
+    GENERATED.mkdir(exist_ok=True)
+    (GENERATED / name).write_text(source)
+    views.GENERATED_CONTEXT = dict(context, obj=generated_article, qs=Article.objects.filter(price__gt=0))
+    serial = serial_page(f"/st-gen/{name}")
+    response = Client().get(f"/st-gen/{name}")
+    assert response.status_code == 200
+    assert body(response).decode() == serial.decode(), source
+    GENERATED_RUN["pages"] += 1
+    GENERATED_RUN["streamed"] += response.streaming
+
+
+GENERATED_RUN = {"pages": 0, "streamed": 0}
+
+
+def test_the_generated_run_really_streamed_pages():
+    """Guards the property above against passing only because every page was served buffered."""
+    assert GENERATED_RUN["pages"] >= 20
+    assert GENERATED_RUN["streamed"] >= GENERATED_RUN["pages"] // 4, GENERATED_RUN

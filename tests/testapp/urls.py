@@ -7,6 +7,7 @@ urlpatterns = [
     path("async/<str:name>/", views.async_page, name="async_page"),
     path("from_string/", views.from_string, name="from_string"),
     path("gen/<str:name>", views.generated, name="generated"),
+    path("st-gen/<str:name>", views.generated_streamed, name="generated_streamed"),
     path("form/", views.form_view, name="form"),
     path("json/", views.json_view, name="json"),
     path("metrics/", metrics, name="metrics"),

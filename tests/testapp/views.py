@@ -86,6 +86,13 @@ def generated(request, name):
     return render(request, name, GENERATED_CONTEXT)
 
 
+def generated_streamed(request, name):
+    """A generated template (tests/test_streaming.py) as a streamed page."""
+    from parallel_render.streaming import StreamingTemplateResponse
+
+    return StreamingTemplateResponse(request, name, GENERATED_CONTEXT)
+
+
 def from_string(request):
     from django.template import engines
 
