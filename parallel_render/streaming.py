@@ -211,20 +211,10 @@ def defer(node: Any, current: session.RenderSession, context: Any, why: str, fra
     index = len(current.fragments)
     now = time.monotonic()
     pending = session.Pending(
-        index,
-        0,
-        node,
-        values,
-        env,
-        context.template,
-        f"{current.token}:{index}",
-        now,
-        now + node.resolve_timeout(context),
-        current.nested,
-        unsent=why,
-        began=began,
-        deferred=True,
-    )
+        index=index, job_id=0, node=node, values=values, env=env, template=context.template,
+        nonce=f"{current.token}:{index}", submitted=now, deadline=now + node.resolve_timeout(context),
+        nested=current.nested, unsent=why, began=began, deferred=True,
+    )  # fmt: skip
     current.fragments.append(pending)
     return current.placeholder(index)
 

@@ -430,7 +430,9 @@ def test_blocks_the_dispatch_policy_keeps_in_the_master_render_after_the_first_b
     # Buffered, they render in place before the first byte; streamed, after it.
     assert {r.outcome for r in blocks_of(buffered)} == {"inline"}
     assert first.endswith(b'<h1 id="skeleton">skeleton p</h1>\n')
-    assert [(r.outcome, r.reason) for r in blocks_of(streamed)] == [("rescued", "no idle worker")] * 5
+    # The policy's reason: no idle worker, or every CPU busy on a loaded machine.
+    assert [r.outcome for r in blocks_of(streamed)] == ["rescued"] * 5
+    assert {r.reason for r in blocks_of(streamed)} <= {"no idle worker", "every CPU busy"}
     assert page == buffered.content == serial_page(path)
 
 
