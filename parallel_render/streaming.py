@@ -235,6 +235,8 @@ def stream(current: session.RenderSession, response: Any, asynchronous: bool = F
     streamed = StreamingHttpResponse(status=response.status_code)
     streamed.headers = response.headers
     streamed.headers.pop("Content-Length", None)
+    # nginx buffers a proxied response whole unless told not to: this one is worth sending as it comes.
+    streamed.headers.setdefault("X-Accel-Buffering", "no")
     streamed.cookies = response.cookies
     streamed._charset = response._charset
     if response._reason_phrase is not None:

@@ -293,6 +293,7 @@ def test_gunicorn_streams_the_skeleton_first_and_the_page_equals_the_serial_one(
     try:
         assert response.status == 200 and "content-length" not in response.headers
         assert "pr-stream;dur=" in response.headers["server-timing"]
+        assert response.headers["x-accel-buffering"] == "no"  # nginx passes each part on
         sent = response.read_until(b"<i>g-2</i>\n")
         # Nothing more comes while the slow block's worker waits for the gate.
         response.sock.settimeout(0.3)
