@@ -72,7 +72,10 @@ class ParallelRenderMiddleware:
             session.deactivate(token)
         if current.fragments:
             if streaming.wants_stream(response, current):
-                return streaming.stream(current, response, asynchronous=True)
+                # It sends the last bundle and looks cached blocks up: off the event loop too.
+                return await sync_to_async(streaming.stream, thread_sensitive=False)(
+                    current, response, asynchronous=True
+                )
             # Waiting for the workers blocks; keep it off the event loop.
             await sync_to_async(stitch, thread_sensitive=False)(current, response)
         return response
