@@ -145,3 +145,22 @@ def test_debug_toolbar_panel_shows_each_block_with_its_outcome_worker_and_waterf
         assert "pr-seg-render" in kinds and kinds == sorted(kinds, key=["pr-seg-submit", "pr-seg-queue", "pr-seg-render", "pr-seg-stitch"].index)
         assert all(width > 0 for _kind, width in r["bars"]), "every bar is drawn"
     assert len({r["pid"] for r in sent}) >= 2
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (./scripts/test.sh installs it)")
+def test_streamed_question_page_paints_the_question_before_its_answers_arrive(demo):
+    # 17 blocks of 600 ms on 4 workers: the page takes about 3 s, its question paints at once.
+    with Chromium(1280, 800) as browser:
+        browser.call("Page.navigate", session=True, url=f"{demo}/q/1/stream/?latency=600")
+        first = browser.wait_for("""(() => {
+            const fcp = performance.getEntriesByName('first-contentful-paint')[0];
+            return fcp && document.querySelector('section.question h1') && {
+                fcp: fcp.startTime, state: document.readyState,
+                answers: document.querySelectorAll('article.answer').length};
+        })()""")
+        png = browser.screenshot()
+        if SCREENSHOTS:
+            (ROOT / "docs" / "streaming-first-paint.png").write_bytes(png)
+        done = browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('article.answer').length")
+    assert first["state"] == "loading" and first["answers"] < done, (first, done)
+    assert done >= 10
