@@ -321,7 +321,7 @@ class BlockStream:
                             yield b"".join(out)
                             out = []
                         # While a worker finishes this one, the master renders its own share.
-                        while not f.deferred and not client.answered([f.job_id]):
+                        while f.job_id and not client.answered([f.job_id]):
                             later = next((g for g in self.pending.values() if g.deferred and g.index > index), None)
                             if later is None:
                                 break
