@@ -481,3 +481,38 @@ def test_the_generated_run_really_streamed_pages():
     """Guards the property above against passing only because every page was served buffered."""
     assert GENERATED_RUN["pages"] >= 20
     assert GENERATED_RUN["streamed"] >= GENERATED_RUN["pages"] // 4, GENERATED_RUN
+
+
+def test_while_it_waits_for_a_worker_the_stream_renders_the_deferred_blocks_below(
+    parallel, settings, monkeypatch, tmp_path
+):
+    import itertools
+    import tempfile
+    import threading
+
+    from parallel_render import policy
+
+    # Only the slow block goes to a worker; the policy keeps the other two in the master.
+    sends = itertools.count()
+    monkeypatch.setattr(policy, "should_send", lambda *args: next(sends) == 1)
+    gate, name = tmp_path / "open", f"stream-defer-{os.getpid()}-{time.monotonic_ns()}"
+    tally = Path(tempfile.gettempdir()) / f"pr-tally-{name}"
+
+    def open_the_gate_once_the_block_below_rendered() -> None:
+        end = time.monotonic() + 4  # the slow block's 3 s timeout shows its fallback before that
+        while not tally.exists() and time.monotonic() < end:
+            time.sleep(0.01)
+        gate.touch()
+
+    path = f"/st/stream_defer/?marker=w&gate={gate}&title={name}"
+    with override_settings(PARALLEL_RENDER={**settings.PARALLEL_RENDER, "ADAPTIVE": True}):
+        opener = threading.Thread(target=open_the_gate_once_the_block_below_rendered)
+        opener.start()
+        try:
+            page = body(Client().get(path))
+        finally:
+            opener.join()
+            gate.touch()
+    assert b'<div id="slow">slow w</div>' in page, "the block below was rendered while the slow one was out"
+    assert page == serial_page(path)
+    tally.unlink(missing_ok=True)
