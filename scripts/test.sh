@@ -14,6 +14,7 @@ command -v cmake >/dev/null || need+=(cmake)
 command -v g++ >/dev/null || need+=(g++)
 command -v ccache >/dev/null || need+=(ccache)
 command -v chromium >/dev/null || need+=(chromium)
+command -v wrk >/dev/null || need+=(wrk)  # parallel_bench load's generator (tests/test_bench_load.py)
 if ((${#need[@]})); then
   echo "== installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

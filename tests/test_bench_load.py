@@ -120,6 +120,23 @@ def test_a_mode_that_completed_nothing_is_flagged_not_divided_by():
     assert ratios["throughput"] != ratios["throughput"]  # nan, shown as n/a
 
 
+def test_after_a_slice_the_bench_waits_until_the_node_is_quiet():
+    # A node still busy with the slice's requests for 5 windows, then idle: the wait ends after
+    # 3 quiet windows in a row, well before the slowest request could have run again.
+    used = iter([0.0, 0.1, 0.2, 0.3, 0.4, 0.5] + [0.5] * 100)
+    settle = load.settle_after(lambda: next(used), max_wait=10.0, window=0.01)
+    waited = settle(load.Slice("serial", 1.0, ok=1, latencies_ms=[5000.0]))
+    assert 0.07 <= waited < 1.0, waited
+
+
+def test_the_wait_is_bounded_by_the_slowest_request_and_without_a_node_is_that_long():
+    busy = iter(float(k) for k in range(10_000))  # never quiet
+    settle = load.settle_after(lambda: next(busy), max_wait=10.0, window=0.01)
+    waited = settle(load.Slice("parallel", 1.0, ok=1, latencies_ms=[50.0]))
+    assert 1.0 <= waited < 1.5, waited  # the slowest request (0.05 s) plus a second
+    assert 0.2 <= load.settle_after(None, max_wait=0.2)(load.Slice("serial", 1.0, latencies_ms=[900.0])) < 0.5
+
+
 def _run_bench(tmp_path: Path, *args: str) -> dict:
     env = dict(os.environ, DJANGO_SETTINGS_MODULE="demo_site.settings", DEMO_DEBUG="0",
                DEMO_DB_PATH=str(tmp_path / "demo.sqlite3"), PYTHONPATH=str(ROOT))
@@ -166,6 +183,7 @@ def test_a_short_run_with_wrk(tmp_path):
                         "--duration", "1", "--slices", "1", "--warmup", "0", "--max-slice", "1")
     assert result["generator"]["name"] == "wrk"
     _check_run(result, tmp_path, ["io"], [1, 2])
+    assert result["node"]["settled_seconds"] >= 0
 
 
 def test_a_killed_bench_leaves_no_node_behind(tmp_path):

@@ -320,6 +320,23 @@ class Node:
                 kinds["masters"].append(child.pid)
         return kinds
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) the node's processes have used so far, all of them together."""
+        import psutil
+
+        total = 0.0
+        try:
+            processes = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return total
+        for process in processes:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
+
     def wait_serving(self, probe: Callable[[], bool], timeout: float = 90.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -461,7 +478,7 @@ class LoadBench:
     def __init__(
         self, base: str, pages: list[Page], levels: list[int], duration: float, slices: int, warmup: float,
         slice_fn: Callable[[str, int, float, str], Slice], serial_header: str, log: Callable[[str], None] | None = None,
-        max_slice: float = 20.0, whole_seconds: bool = False,
+        max_slice: float = 20.0, whole_seconds: bool = False, settle: Callable[[Slice], float] | None = None,
     ) -> None:
         self.base = base.rstrip("/")
         self.pages = pages
@@ -474,6 +491,9 @@ class LoadBench:
         self.log = log or (lambda line: None)
         self.max_slice = max_slice
         self.whole_seconds = whole_seconds  # wrk takes whole seconds
+        # Called after each slice: waits for the requests the slice left in flight (see settle_after).
+        self.settle = settle or (lambda _slice: 0.0)
+        self.settled = 0.0  # seconds spent waiting for them, over the run
 
     def preflight(self) -> None:
         """Every page answers 200 in both modes before any time is spent measuring."""
@@ -517,13 +537,17 @@ class LoadBench:
         seconds = self.slice_seconds(concurrency, check, previous)
         if self.warmup > 0:
             for mode in ("parallel", "serial"):
-                self.slice_fn(url, concurrency, self.warmup / 2, mode)
+                self.settled += self.settle(self.slice_fn(url, concurrency, self.warmup / 2, mode))
         taken: dict[str, list[Slice]] = {mode: [] for mode in MODES}
         for k in range(self.slices):
             # Alternate which mode goes first, from level to level too.
             order = MODES if (k + n) % 2 == 0 else MODES[::-1]
             for mode in order:
                 taken[mode].append(self.slice_fn(url, concurrency, seconds, mode))
+                # The next slice starts on a node that has finished this one's requests: else the
+                # first requests of a parallel slice would queue behind the serial requests still
+                # running (heavier than parallel ones), and its p99 would be the serial mode's.
+                self.settled += self.settle(taken[mode][-1])
         serial, parallel = combine(taken["serial"]), combine(taken["parallel"])
         ratios, missed = judge(page, concurrency, serial, parallel)
         if not check["ok"]:
@@ -547,6 +571,9 @@ def format_result(result: dict[str, Any]) -> str:
         out.append(f"layout: {node['layout']}")
     out.append(f"generator: {gen['description']}; closed loop; per level and mode {gen['slices']} slices of "
                f"{gen['slice_seconds']:.1f} s, interleaved, after a {gen['warmup']:g} s warm-up")
+    if node.get("settled_seconds") is not None:
+        out.append(f"after each slice the bench waited for the node to finish the requests it left in flight "
+                   f"({node['settled_seconds']:g} s in all)")
     if result.get("debug"):
         out.append("warning: the node runs with DEBUG on (for the demo site: DEMO_DEBUG=0)")
     for page in result["pages"]:
@@ -802,9 +829,12 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
 
             node.wait_serving(serving)
             node_info = _describe_node(node, options)
+        max_slice = max(options["max_slice"], slice_seconds)
+        settle = settle_after(node.cpu_seconds if node is not None else None, max_slice)
         bench = LoadBench(base, pages, levels, options["duration"], options["slices"], options["warmup"], slice_fn, header, log,
-                          max_slice=max(options["max_slice"], slice_seconds), whole_seconds=generator == "wrk")
+                          max_slice=max_slice, whole_seconds=generator == "wrk", settle=settle)
         results = bench.run()
+        node_info["settled_seconds"] = round(bench.settled, 1)
         if node is not None:
             node_info["tree_at_end"] = {k: len(v) for k, v in node.tree().items()}
         failed = False
@@ -835,6 +865,34 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         stdout.write(orjson.dumps(result).decode())
     else:
         stdout.write(format_result(result))
+
+
+def settle_after(cpu_seconds: Callable[[], float] | None, max_wait: float,
+                 window: float = 0.1, quiet_windows: int = 3, share: float = 0.03) -> Callable[[Slice], float]:
+    """What the bench does after a slice: wait for the requests it left in flight.
+
+    wrk stops at the end of its slice with a request in flight on every connection, and the node
+    still serves them (those queued in gunicorn too): up to a whole round of the slowest
+    requests. The wait ends when the node's processes (cpu_seconds: their CPU time so far) have
+    used under `share` of a CPU in each of `quiet_windows` windows in a row, or after the
+    slice's slowest request (plus a second, at most max_wait) has had time to run again. For a
+    node the bench did not start (--url) it waits that long. Returns the seconds waited."""
+
+    def settle(done: Slice) -> float:
+        started = time.monotonic()
+        longest = min(max(done.latencies_ms, default=0.0) / 1000 + 1.0, max_wait)
+        if cpu_seconds is None:
+            time.sleep(longest)
+            return time.monotonic() - started
+        quiet, before = 0, cpu_seconds()
+        while quiet < quiet_windows and time.monotonic() - started < longest:
+            time.sleep(window)
+            now = cpu_seconds()
+            quiet = quiet + 1 if now - before < share * window else 0
+            before = now
+        return time.monotonic() - started
+
+    return settle
 
 
 def _serves(url: str) -> tuple[bool, bool]:
