@@ -12,7 +12,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_asy
 from django.http import HttpRequest, HttpResponse
 
 from parallel_render import cache as fragment_cache
-from parallel_render import conf, sealing, session, signals, streaming
+from parallel_render import conf, policy, sealing, session, signals, streaming
 from parallel_render import protocol as p
 from parallel_render.client import get_client
 
@@ -221,7 +221,7 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
             html[f.index] = result["html"]
             if f.cache is not None:
                 fragment_cache.filled(f, result["html"], own=True, by_worker=True)
-            f.node.observe(result["ms"], result.get("cpu"))
+            f.node.observe(result["ms"], result.get("cpu"), result.get("rq"))
             nested = f" +{result['nested']} nested" if result.get("nested") else ""
             timing[f.index] = (
                 f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'
@@ -248,13 +248,13 @@ def _render_here(
     measure: the block rendered as a worker would have (taken back), so its time feeds the
     block's cost model.
     """
-    started, cpu_started = time.perf_counter(), time.thread_time()
+    started = policy.start_measuring()
     html = f.node.rescue(f, why, kind)
-    ms = (time.perf_counter() - started) * 1000
+    ms, cpu_ms, runnable_ms = policy.measured(started)
     if f.cache is not None:
         fragment_cache.filled(f, html, own=not f.node.stands_in(kind))
     if measure:
-        f.node.observe(ms, (time.thread_time() - cpu_started) * 1000)
+        f.node.observe(ms, cpu_ms, runnable_ms)
     if signals.block_finished.receivers:
         signals.send(f.node, "fallback" if f.node.stands_in(kind) else "rescued", why, current.request, index=f.index,
                      render_ms=ms, total_ms=(time.monotonic() - f.submitted) * 1000,

@@ -87,17 +87,63 @@ class CpuRoom:
 cpu_room = CpuRoom()
 
 
-# With every core busy, a block is still sent when at most this share of its time is CPU: a
-# block that mostly waits (on a database, a cache, a service) would hold a master thread for
-# that wait, and its worker needs little CPU.
-WAITING_SHARE = 0.5
+class ThreadClock:
+    """This thread's CPU time and the time it waited for a CPU while runnable, in seconds.
+
+    /proc/thread-self/schedstat holds both (nanoseconds), read with one pread on a descriptor
+    each thread keeps open. A render's wall time is its CPU time, its wait for a CPU (a busy
+    machine) and its wait on everything else (a database, a cache, a service): only that last
+    part is time a worker spares the master's thread (should_send). Where the file cannot be
+    read, the CPU time is time.thread_time() and the wait for a CPU is not known (0).
+    """
+
+    PATH = "/proc/thread-self/schedstat"
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._broken = False
+
+    def read(self) -> tuple[float, float]:
+        if not self._broken:
+            fd = getattr(self._local, "fd", None)
+            try:
+                if fd is None:
+                    fd = self._local.fd = os.open(self.PATH, os.O_RDONLY | os.O_CLOEXEC)
+                fields = os.pread(fd, 96, 0).split()
+                return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+            except (OSError, IndexError, ValueError):
+                self._broken = True
+        return time.thread_time(), 0.0
+
+
+thread_clock = ThreadClock()
+
+
+def measured(started: tuple[float, float, float]) -> tuple[float, float, float]:
+    """Since `started` (time.perf_counter() and thread_clock.read() then): the wall time, the CPU
+    time and the wait for a CPU, in ms."""
+    wall, cpu, runnable = started
+    now_cpu, now_runnable = thread_clock.read()
+    return ((time.perf_counter() - wall) * 1000, (now_cpu - cpu) * 1000, (now_runnable - runnable) * 1000)
+
+
+def start_measuring() -> tuple[float, float, float]:
+    return (time.perf_counter(), *thread_clock.read())
+
+
+# With every core busy, a block is still sent when it waits (on a database, a cache, a
+# service: not for a CPU) at least this many times as long as it runs on one: it would hold a
+# master thread for that wait, and its worker needs little CPU.
+WAITING_RATIO = 1.0
 
 
 def should_send(
-    load: RouterLoad | None, cost_ms: float | None, nested: bool = False, cpu_ms: float | None = None
+    load: RouterLoad | None, cost_ms: float | None, nested: bool = False, cpu_ms: float | None = None,
+    wait_ms: float | None = None,
 ) -> bool:
     """Whether a block of this expected cost should go to the router now, given its load and
-    the CPUs' (cpu_ms: the part of cost_ms its render spends on a CPU, when measured).
+    the CPUs' (cpu_ms: the part of cost_ms its render spends on a CPU, wait_ms: the part it
+    waits on something other than a CPU, when measured).
 
     Without a status page (a TCP router) every block is sent: the take-back at the end of
     the page keeps a queued block from costing more than the master rendering it itself.
@@ -106,8 +152,10 @@ def should_send(
         return True
     if load.stopping or load.workers == 0:
         return False
-    if not cpu_room.has_room() and (cost_ms is None or cpu_ms is None or cpu_ms > WAITING_SHARE * cost_ms):
-        # Every core is busy: a worker would render it no sooner, and sending costs CPU.
+    if not cpu_room.has_room() and (cpu_ms is None or wait_ms is None or wait_ms < WAITING_RATIO * cpu_ms):
+        # Every core is busy: a worker would render it no sooner, and sending costs CPU. On a
+        # busy machine a block's time grows by its wait for a CPU, which is not a wait a worker
+        # spares: only a block that mostly waits on something else is still sent.
         return False
     ahead = load.queued - load.idle  # jobs that no idle worker will take before this one
     if ahead < 0:

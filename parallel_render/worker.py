@@ -18,7 +18,7 @@ from django.conf import settings
 from django.core import signals
 from django.template import Node
 
-from parallel_render import codec, conf, fragments, sealing, session, tracing
+from parallel_render import codec, conf, fragments, policy, sealing, session, tracing
 from parallel_render import protocol as p
 from parallel_render.client import HandshakeError, RouterClient, open_connection, warn_if_exposed
 from parallel_render.process import die_with_parent
@@ -284,7 +284,7 @@ class Worker:
         return sealing.sealer(self.binding)
 
     def _render_one(self, job: Any, deadline: float | None, token: str) -> dict[str, Any]:
-        started, cpu_started = time.perf_counter(), time.thread_time()
+        started = policy.start_measuring()
         nonce = job.get("n") if isinstance(job, dict) else None
         try:
             html, nested = render_job(job, self.nested_client, deadline, token)
@@ -294,9 +294,9 @@ class Worker:
         except Exception as exc:
             result = self._failure(exc)
         result["n"] = nonce
-        result["ms"] = (time.perf_counter() - started) * 1000
-        # Of which on the CPU: what the master weighs when it would render the block itself.
-        result["cpu"] = (time.thread_time() - cpu_started) * 1000
+        # Of its time, on the CPU and waiting for one: what the master weighs when it would
+        # render the block itself (policy.should_send).
+        result["ms"], result["cpu"], result["rq"] = policy.measured(started)
         return result
 
     def _render_traced(self, job: Any, deadline: float | None, token: str) -> dict[str, Any]:

@@ -10,12 +10,14 @@ import threading
 import time
 
 import pytest
+from django.template import Template
 from django.test import Client
 
 from parallel_render import conf, policy
 from parallel_render import protocol as p
 from parallel_render.client import RouterClient, RouterLoad, open_connection
 from parallel_render.cluster import LocalCluster
+from parallel_render.templatetags.parallel import parallel_nodes
 from parallel_render.testing import parallel_workers, serially
 from tests.conftest import block_pids, rescued, run_concurrently, thread
 
@@ -93,12 +95,39 @@ def test_the_run_queue_is_read_from_proc_loadavg_and_averaged(cpu):
 
 def test_with_every_core_busy_only_blocks_that_mostly_wait_are_sent(cpu):
     idle = load(idle=2, queued=0)
-    assert policy.should_send(idle, 20.0, cpu_ms=18.0)
+    assert policy.should_send(idle, 20.0, cpu_ms=18.0, wait_ms=0.0)
     cpu.set_running(5)  # 5 tasks want the 2 cores
-    assert not policy.should_send(idle, 20.0, cpu_ms=18.0)  # CPU-bound: rendered here
+    assert not policy.should_send(idle, 20.0, cpu_ms=18.0, wait_ms=0.0)  # CPU-bound: rendered here
     assert not policy.should_send(idle, 20.0)  # CPU time unknown: rendered here, which measures it
-    assert policy.should_send(idle, 20.0, cpu_ms=2.0)  # mostly waiting: a worker holds the wait
-    assert policy.should_send(None, 20.0, cpu_ms=18.0)  # a TCP router's workers have CPUs of their own
+    assert policy.should_send(idle, 20.0, cpu_ms=2.0, wait_ms=18.0)  # mostly waiting: a worker holds the wait
+    # 40 ms, of which 10 on a CPU and 25 waiting for one: a busy machine stretched a CPU-bound
+    # block, which does not wait on anything a worker would spare the master.
+    assert not policy.should_send(idle, 40.0, cpu_ms=10.0, wait_ms=5.0)
+    assert policy.should_send(None, 20.0, cpu_ms=18.0, wait_ms=0.0)  # a TCP router's workers have CPUs of their own
+
+
+def test_a_block_knows_its_wait_apart_from_its_cpu_and_its_wait_for_a_cpu():
+    node = parallel_nodes(Template("{% load parallel %}{% parallel %}x{% endparallel %}"))[0]
+    node.observe(40.0, 10.0, 25.0)
+    assert (node.cost_ms, node.cpu_ms, node.wait_ms) == (40.0, 10.0, 5.0)
+    node.observe(40.0, 10.0)  # the wait for a CPU not known: the waits are not guessed
+    assert node.wait_ms == 5.0
+
+
+def test_the_thread_clock_counts_this_threads_cpu_and_its_wait_for_one():
+    started = policy.start_measuring()
+    end = time.thread_time() + 0.02
+    while time.thread_time() < end:
+        pass
+    time.sleep(0.05)
+    ms, cpu_ms, runnable_ms = policy.measured(started)
+    assert ms >= 70 and 19 <= cpu_ms < ms and 0 <= runnable_ms <= ms - cpu_ms
+    # A thread of its own reads its own numbers, not this one's.
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(policy.thread_clock.read()))
+    worker.start()
+    worker.join()
+    assert seen[0][0] < policy.thread_clock.read()[0]
 
 
 # -- a worker the test controls, on a real router ---------------------------------------------

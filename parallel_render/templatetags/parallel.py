@@ -77,14 +77,21 @@ class ParallelNode(Node):
         # Of that, the time on a CPU (the rendering thread's CPU time), None until measured.
         self.cpu_ms: float | None = None
         self._cpu_samples: list[float] = []
+        # And the time it waited on something other than a CPU (a database, a cache, a
+        # service): its time less its CPU time and its wait for a CPU. None until measured.
+        self.wait_ms: float | None = None
+        self._wait_samples: list[float] = []
 
-    def observe(self, ms: float, cpu_ms: float | None = None) -> None:
-        """One render's time, and the CPU time it took. The cost is the median of the last
-        few: a worker's first render of a block also loads its template and opens connections
-        (often 100x the render), and an average would carry that one sample for dozens of pages."""
+    def observe(self, ms: float, cpu_ms: float | None = None, runnable_ms: float | None = None) -> None:
+        """One render's time, the CPU time it took and how long it waited for a CPU (runnable
+        but not running). The cost is the median of the last few: a worker's first render of a
+        block also loads its template and opens connections (often 100x the render), and an
+        average would carry that one sample for dozens of pages."""
         self.cost_ms = _median_of_last(self._samples, ms)
         if isinstance(cpu_ms, (int, float)):
             self.cpu_ms = _median_of_last(self._cpu_samples, float(cpu_ms))
+            if isinstance(runnable_ms, (int, float)):
+                self.wait_ms = _median_of_last(self._wait_samples, max(0.0, ms - cpu_ms - runnable_ms))
 
     def __repr__(self) -> str:
         return f"<ParallelNode {self.label}>"
@@ -109,7 +116,9 @@ class ParallelNode(Node):
         if threshold and self.cost_ms is not None and self.cost_ms < threshold:
             # Cheaper to render here than to send: keep measuring, in case it grows.
             return self._render_measured(current, context, "cheap")
-        if config["ADAPTIVE"] and not policy.should_send(current.client.load(), self.cost_ms, current.nested, self.cpu_ms):
+        if config["ADAPTIVE"] and not policy.should_send(
+            current.client.load(), self.cost_ms, current.nested, self.cpu_ms, self.wait_ms
+        ):
             # No worker would start it soon, or no CPU would run it sooner than this one:
             # rendering it here costs the page (and the node) less than sending it.
             why = "no idle worker" if policy.cpu_room.has_room() else "every CPU busy"
@@ -229,7 +238,9 @@ class ParallelNode(Node):
         why = None
         if config["MIN_BLOCK_MS"] and self.cost_ms is not None and self.cost_ms < config["MIN_BLOCK_MS"]:
             why = "cheap"
-        elif config["ADAPTIVE"] and not policy.should_send(current.client.load(), self.cost_ms, current.nested, self.cpu_ms):
+        elif config["ADAPTIVE"] and not policy.should_send(
+            current.client.load(), self.cost_ms, current.nested, self.cpu_ms, self.wait_ms
+        ):
             why = "no idle worker" if policy.cpu_room.has_room() else "every CPU busy"
         else:
             why = self.reason_inline(context, frame)
@@ -291,11 +302,11 @@ class ParallelNode(Node):
         report = signals.block_finished.receivers
         if not report and not measure:
             return self._render_inline(context)
-        started, cpu_started = time.perf_counter(), time.thread_time()
+        started = policy.start_measuring()
         html, failure = self._render_inline(context)
-        ms = (time.perf_counter() - started) * 1000
+        ms, cpu_ms, runnable_ms = policy.measured(started)
         if measure:
-            self.observe(ms, (time.thread_time() - cpu_started) * 1000)
+            self.observe(ms, cpu_ms, runnable_ms)
         if report:
             # On the page's time line (signals.BlockRecord): it began ms ago.
             current = session.current()
