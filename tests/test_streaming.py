@@ -301,10 +301,11 @@ def test_gunicorn_streams_the_skeleton_first_and_the_page_equals_the_serial_one(
             response.read_chunk()
         response.sock.settimeout(10)
         assert b'<h1 id="skeleton">skeleton g</h1>' in sent and b'id="slow"' not in sent
+        gate.touch()
+        assert response.read_all() == fetch_serial(gunicorn, path)
     finally:
         gate.touch()
-    assert response.read_all() == fetch_serial(gunicorn, path)
-    response.close()
+        response.close()
 
 
 def test_gunicorn_streams_only_each_request_its_own_blocks(gunicorn):
@@ -339,7 +340,11 @@ def test_a_client_that_goes_away_mid_stream_leaves_no_job_behind(gunicorn, tmp_p
         gate.touch()
         later.touch()
     # The master serves the next page whole.
-    assert b"slower d" in RawResponse(gunicorn, path).read_all()
+    again = RawResponse(gunicorn, path)
+    try:
+        assert b"slower d" in again.read_all()
+    finally:
+        again.close()
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
