@@ -96,19 +96,27 @@ def parallel_workers(
                 "open; give it a file: DATABASES[alias]['TEST'] = {'NAME': '/tmp/test.sqlite3'}"
             )
         args += ["--db-name", f"{alias}={name}"]
-    previous = os.environ.get(conf.ENV_ROUTER)
     with LocalCluster(workers, address=address, env=env, worker_args=args) as cluster:
         cluster.wait_ready()
-        os.environ[conf.ENV_ROUTER] = cluster.address
-        conf.get_config.cache_clear()
-        try:
+        with routed_to(cluster.address):
             yield cluster
-        finally:
-            if previous is None:
-                os.environ.pop(conf.ENV_ROUTER, None)
-            else:
-                os.environ[conf.ENV_ROUTER] = previous
-            conf.get_config.cache_clear()
+
+
+@contextlib.contextmanager
+def routed_to(address: str) -> Iterator[None]:
+    """Point this process's masters at the router at `address` (the variable runserver and a
+    node set), and back at what they used before on the way out."""
+    previous = os.environ.get(conf.ENV_ROUTER)
+    os.environ[conf.ENV_ROUTER] = address
+    conf.get_config.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(conf.ENV_ROUTER, None)
+        else:
+            os.environ[conf.ENV_ROUTER] = previous
+        conf.get_config.cache_clear()
 
 
 @contextlib.contextmanager

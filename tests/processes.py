@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 
@@ -46,3 +52,44 @@ def cmdline(pid: int) -> str:
         return " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:
         return ""
+
+
+@contextlib.contextmanager
+def gunicorn_site(router: str, probe: str, workers: int = 1, kind: str = "gthread", threads: int = 4,
+                  env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real gunicorn serving the test site (tests.wsgi) on a free port, its masters sending
+    blocks to the router at `router`; yields its base URL once `probe` answers."""
+    from django.conf import settings
+
+    from tests.servers import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    environ = dict(os.environ, DJANGO_SETTINGS_MODULE="tests.settings", PYTHONPATH=str(root),
+                   PR_TEST_DB=str(settings.DATABASES["default"]["NAME"]), PARALLEL_RENDER_ROUTER=router, **(env or {}))
+    extra = ["--threads", str(threads)] if kind == "gthread" else []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "tests.wsgi", "-b", f"127.0.0.1:{port}", "-w", str(workers),
+         "-k", kind, *extra, "--log-level", "warning"],
+        cwd=root, env=environ,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_for(lambda: _answers(base + probe), 20):
+            raise AssertionError("gunicorn did not start")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).read()
+        return True
+    except OSError:
+        return False

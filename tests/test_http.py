@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -16,39 +15,15 @@ import pytest
 from django.test import Client, override_settings
 
 from tests.conftest import block_pids, rescued, run_concurrently
-from tests.servers import free_port
+from tests.processes import gunicorn_site
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def gunicorn(parallel):
-    from django.conf import settings
-
-    port = free_port()
-    env = dict(
-        os.environ, DJANGO_SETTINGS_MODULE="tests.settings", PYTHONPATH=str(ROOT),
-        PR_TEST_DB=str(settings.DATABASES["default"]["NAME"]), PARALLEL_RENDER_ROUTER=parallel.address,
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "tests.wsgi", "-b", f"127.0.0.1:{port}", "-w", "2",
-         "-k", "gthread", "--threads", "4", "--log-level", "warning"],
-        cwd=ROOT, env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 20
-    while time.monotonic() < end:
-        try:
-            urllib.request.urlopen(base + "/p/leak/", timeout=2).read()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise AssertionError("gunicorn did not start")
-    yield base
-    proc.terminate()
-    proc.wait(10)
+    with gunicorn_site(parallel.address, "/p/leak/", workers=2) as base:
+        yield base
 
 
 def test_twenty_concurrent_http_requests_get_only_their_own_fragments(gunicorn):

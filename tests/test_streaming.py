@@ -13,8 +13,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -29,7 +27,7 @@ from hypothesis import strategies as st
 from parallel_render import streaming
 from parallel_render.testing import serially
 from tests.conftest import block_pids, rescued, run_concurrently
-from tests.servers import free_port
+from tests.processes import gunicorn_site
 from tests.test_property import CONTEXTS, GENERATED
 from tests.test_property import node as generated_node
 
@@ -173,55 +171,14 @@ def test_streamed_under_asgi(parallel, tmp_path):
 @pytest.fixture(params=["sync", "gthread"])
 def gunicorn(request, parallel):
     """One gunicorn master of the test site (sync, or gthread with 4 threads) on the test cluster."""
-    from django.conf import settings
-
-    port = free_port()
-    env = dict(
-        os.environ,
-        DJANGO_SETTINGS_MODULE="tests.settings",
-        PYTHONPATH=str(ROOT),
-        PR_TEST_DB=str(settings.DATABASES["default"]["NAME"]),
-        PARALLEL_RENDER_ROUTER=parallel.address,
-    )
-    threads = ["--threads", "4"] if request.param == "gthread" else []
+    env = {}
     if request.param == "sync" and os.environ.get("PYTHONDEVMODE"):
         # gunicorn's sync worker exits without closing its copy of the listening socket: under
         # the strict leg's development mode that is a ResourceWarning of gunicorn's own, on
         # every run (a bare WSGI app shows it too), which would hide any of ours.
         env["PYTHONWARNINGS"] = "ignore::ResourceWarning"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "tests.wsgi",
-            "-b",
-            f"127.0.0.1:{port}",
-            "-w",
-            "1",
-            "-k",
-            request.param,
-            *threads,
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 20
-    while time.monotonic() < end:
-        try:
-            urllib.request.urlopen(base + "/outstanding/", timeout=2).read()
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        raise AssertionError("gunicorn did not start")
-    yield base
-    proc.terminate()
-    proc.wait(10)
+    with gunicorn_site(parallel.address, "/outstanding/", kind=request.param, env=env) as base:
+        yield base
 
 
 class RawResponse:

@@ -61,10 +61,10 @@ def run_backend(kind: str, path: str, requests: int, workers: int) -> dict[str, 
     from django.conf import settings
     from django.test import Client, override_settings
 
-    from parallel_render import cache, conf
+    from parallel_render import cache
     from parallel_render.bench.servers import server
     from parallel_render.cluster import LocalCluster
-    from parallel_render.testing import capture_blocks, test_host_allowed
+    from parallel_render.testing import capture_blocks, routed_to, test_host_allowed
 
     directory = tempfile.mkdtemp(prefix="pr-bench-cache-")
     sys.path.insert(0, directory)  # the workers' PYTHONPATH is this process's sys.path
@@ -73,15 +73,12 @@ def run_backend(kind: str, path: str, requests: int, workers: int) -> dict[str, 
             module = _worker_settings(directory, kind, url)
             caches = {**settings.CACHES, ALIAS: cache_settings(kind, url)}
             base = dict(getattr(settings, "PARALLEL_RENDER", None) or {})
-            previous = os.environ.get(conf.ENV_ROUTER)
             with (
                 LocalCluster(workers, env={"DJANGO_SETTINGS_MODULE": module}) as cluster,
                 override_settings(CACHES=caches),
                 test_host_allowed(),
             ):
                 cluster.wait_ready()
-                os.environ[conf.ENV_ROUTER] = cluster.address
-                conf.get_config.cache_clear()
                 client = Client()
                 modes = {
                     "no cache": {**base, "CACHE": None},
@@ -115,7 +112,7 @@ def run_backend(kind: str, path: str, requests: int, workers: int) -> dict[str, 
                         ]
                         bodies[mode].add(response.content)
 
-                try:
+                with routed_to(cluster.address):
                     for _ in range(3):  # warm-up: templates, connections, the cost model
                         for mode in MODES:
                             page(mode, record=False)
@@ -125,12 +122,6 @@ def run_backend(kind: str, path: str, requests: int, workers: int) -> dict[str, 
                             if mode == "warm" and order.index("warm") > order.index("cold"):
                                 time.sleep(0.02)  # the cold page's workers store after they answer
                             page(mode, record=True)
-                finally:
-                    if previous is None:
-                        os.environ.pop(conf.ENV_ROUTER, None)
-                    else:
-                        os.environ[conf.ENV_ROUTER] = previous
-                    conf.get_config.cache_clear()
     finally:
         sys.path.remove(directory)
     return {
