@@ -33,11 +33,15 @@ HEARTBEAT_EVERY = 0.5
 # (parent alive, heartbeat, told to stop). Kept in the kernel (SO_RCVTIMEO/SO_SNDTIMEO)
 # rather than as a Python socket timeout, which would poll() before every recv and send.
 SOCKET_WAKE = struct.pack("@ll", 1, 0)
-# Jobs that follow each other closer than this are one Django request (request_started before
-# the first, request_finished once none follows): the router hands a busy worker its next job
-# as soon as the result is in, and per-request work (closing connections, resetting query
-# logs) need not run between them.
-BURST_GAP = 0.002
+# Jobs that follow each other closer than BURST_GAP are one Django request (request_started
+# before the first, request_finished once none follows), for at most BURST_MAX: a page's
+# blocks are parts of one request, and per-request work between two of them (with Django's
+# default CONN_MAX_AGE=0, closing the database connection and opening a new one for the next
+# block; closing memcached's sockets) cost a busy worker more CPU than many blocks render in.
+# A worker that waited BURST_GAP for a job, or whose request is BURST_MAX old, ends it: its
+# connections are closed as Django's settings say, at most one request's age later.
+BURST_GAP = 0.05
+BURST_MAX = 1.0
 RECV_BUFFER = 1 << 20
 READY_FRAME = p.encode(p.READY)
 
@@ -68,8 +72,9 @@ class Worker:
         self.stopping = False
         self.busy = False
         self.waiting = False  # blocked in a receive or a back-off pause: a stop signal ends it at once
-        # Between request_started and request_finished: a burst of jobs (BURST_GAP).
+        # Between request_started and request_finished: a burst of jobs (BURST_GAP), begun then.
         self.in_request = False
+        self.request_began = 0.0
         # Blocks nested in a job go out through this process's own master connection.
         self.nested_client = RouterClient(address) if nested else None
         self.pid = os.getpid()
@@ -225,6 +230,7 @@ class Worker:
         started, at = time.perf_counter(), time.monotonic()
         if not self.in_request:
             self.in_request = True
+            self.request_began = at
             signals.request_started.send(sender=self.__class__)
         failed = True
         try:
@@ -244,7 +250,7 @@ class Worker:
                     result = render(body, deadline, token)
             failed = not result.get("ok") or any(not part.get("ok") for part in result.get("bundle", ()))
         finally:
-            if failed:
+            if failed or time.monotonic() - self.request_began >= BURST_MAX:
                 # A block that failed may have left a database connection unusable: its
                 # request ends now, so Django closes what it must before the next job.
                 self.end_request()
@@ -294,9 +300,9 @@ class Worker:
         except Exception as exc:
             result = self._failure(exc)
         result["n"] = nonce
-        # Of its time, on the CPU and waiting for one: what the master weighs when it would
-        # render the block itself (policy.should_send).
-        result["ms"], result["cpu"], result["rq"] = policy.measured(started)
+        # Of its time, on the CPU: what the master weighs against its own renders of the block
+        # (policy.idle_needed).
+        result["ms"], result["cpu"] = policy.measured(started)
         return result
 
     def _render_traced(self, job: Any, deadline: float | None, token: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Jobs that follow each other at once (the router hands a busy worker its next job as soon as
 the result is in) share one request_started/request_finished pair, so per-request work such
 as closing the database connection (CONN_MAX_AGE=0, Django's default) runs once per burst
-instead of once per block; a pause ends the request; a block that fails ends it at once.
+instead of once per block; a pause ends the request, and so does its age (BURST_MAX); a block
+that fails ends it at once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import pytest
 from django.test import Client
 
+from parallel_render import worker
 from parallel_render.testing import parallel_workers
 from tests.conftest import block_pids
 
@@ -55,3 +57,14 @@ def test_a_failing_block_ends_its_request(one_worker):
     assert len(first) == 3
     # The blocks after the failing one run in a request of their own: a fresh connection.
     assert first[0] < first[1], first
+
+
+def test_a_request_that_keeps_getting_jobs_still_ends_after_burst_max(one_worker):
+    # Four blocks of 0.4 s, back to back on the one worker: the request that began with the
+    # first is BURST_MAX (1 s) old once the third is done, so it ends there; the fourth block
+    # begins a request of its own, on a fresh connection.
+    assert worker.BURST_MAX == 1.0
+    response = Client().get("/p/burst/?sleep=0.4")
+    assert block_pids(response) == [one_worker.worker_pids[0]] * 4
+    first, second, third, fourth = connections_per_block(response)
+    assert first == second == third < fourth
