@@ -3,8 +3,16 @@
 The bench starts `manage.py runparallel` on a free port (or uses `--url`), then for each page
 (I/O-bound, CPU-bound, mixed) and each concurrency level keeps that many connections busy,
 each sending its next request as soon as the previous one is answered, with `wrk` when it is
-installed or with a built-in generator (one keep-alive connection per thread). Serial requests
-carry the serial header, so the same node renders them without workers.
+installed or with a built-in generator (a thread per connection). Serial requests carry the
+serial header, so the same node renders them without workers.
+
+By default every request comes on a new connection (`Connection: close`), as from a proxy
+that opens one per request (nginx's default towards its upstream): the kernel then hands each
+request to whichever master accepts first. Kept alive (`--connections keep-alive`), each
+connection stays on the master that accepted it for the whole slice; with two masters whose
+threads share one interpreter lock each, a slice whose connections happened to land 3 to 1
+served a fifth fewer pages in either mode than one that landed 2 to 2, which is more than the
+difference between the modes this bench is for.
 
 Per page and level: a plain GET in each mode checks the page (200, parallel and serial bodies
 equal once pids are blanked, the blocks present and sent to workers); a warm-up slice in each
@@ -175,13 +183,15 @@ def builtin_slice(url: str, concurrency: int, seconds: float, headers: dict[str,
     return result
 
 
-# `wrk ... -s SCRIPT URL -- MODE HEADER`: the serial mode sends HEADER: serial. done() prints
+# `wrk ... -s SCRIPT URL -- MODE HEADER CONNECTIONS`: the serial mode sends HEADER: serial;
+# CONNECTIONS "close" sends Connection: close (a connection per request). done() prints
 # one JSON line with the counts and every distinct latency (µs) with how often it was seen,
 # so slices can be merged exactly.
 WRK_SCRIPT = """\
 -- written by parallel_render.bench.load
 function init(args)
   if args[1] == "serial" then wrk.headers[args[2]] = "serial" end
+  if args[3] == "close" then wrk.headers["Connection"] = "close" end
 end
 
 function done(summary, latency, requests)
@@ -227,8 +237,9 @@ def wrk_result_slice(data: dict[str, Any], mode: str) -> Slice:
 class Wrk:
     """Runs wrk with our Lua script, one process per slice."""
 
-    def __init__(self, binary: str, workdir: str, header: str, timeout: float) -> None:
+    def __init__(self, binary: str, workdir: str, header: str, timeout: float, connections: str = "close") -> None:
         self.binary = binary
+        self.connections = connections
         self.script = os.path.join(workdir, "load.lua")
         with open(self.script, "w") as f:
             f.write(WRK_SCRIPT)
@@ -242,7 +253,7 @@ class Wrk:
     def slice(self, url: str, concurrency: int, seconds: float, mode: str) -> Slice:
         cmd = [self.binary, "-t", str(self.threads(concurrency)), "-c", str(concurrency),
                "-d", f"{max(1, math.ceil(seconds - 1e-6))}s", "--timeout", f"{max(1, round(self.timeout))}s", "--latency",
-               "-s", self.script, url, "--", mode, self.header]
+               "-s", self.script, url, "--", mode, self.header, self.connections]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + self.timeout + 30)
         if done.returncode != 0:
             raise RuntimeError(f"wrk exited with {done.returncode}: {done.stderr.strip() or done.stdout[-500:]}")
@@ -296,7 +307,7 @@ class Node:
             return ""
 
     def tree(self) -> dict[str, list[int]]:
-        """Pids of the node's router, workers and masters (gunicorn workers), as running now."""
+        """Pids of the node's router, workers and masters (gunicorn's workers, not its arbiter), as running now."""
         import psutil
 
         kinds: dict[str, list[int]] = {"router": [], "workers": [], "masters": []}
@@ -316,7 +327,7 @@ class Node:
                 kinds["router"].append(child.pid)
             elif "parallel_worker" in cmd:
                 kinds["workers"].append(child.pid)
-            else:
+            elif child.ppid() != self.proc.pid:  # gunicorn's workers; not its arbiter, our child
                 kinds["masters"].append(child.pid)
         return kinds
 
@@ -569,7 +580,9 @@ def format_result(result: dict[str, Any]) -> str:
     out = [f"node: {node['description']}"]
     if node.get("layout"):
         out.append(f"layout: {node['layout']}")
-    out.append(f"generator: {gen['description']}; closed loop; per level and mode {gen['slices']} slices of "
+    per_request = gen.get("connections", "close") == "close"
+    out.append(f"generator: {gen['description']}; closed loop, "
+               f"{'a new connection per request' if per_request else 'connections kept alive'}; per level and mode {gen['slices']} slices of "
                f"{gen['slice_seconds']:.1f} s, interleaved, after a {gen['warmup']:g} s warm-up")
     if node.get("settled_seconds") is not None:
         out.append(f"after each slice the bench waited for the node to finish the requests it left in flight "
@@ -717,6 +730,8 @@ def add_arguments(parser: Any) -> None:
                         help=f"longest slice, in seconds, when slow requests make the bench lengthen a level's slices "
                              f"(for {MIN_ROUNDS} requests per connection; default 20)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per page and level, both modes (default 1)")
+    parser.add_argument("--connections", choices=("close", "keep-alive"), default="close",
+                        help="a new connection per request (close, as from a proxy), or one kept alive per client")
     parser.add_argument("--generator", choices=("auto", "wrk", "builtin"), default="auto", help="wrk when installed (auto), or built-in threads")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds a request may take before it counts as an error (default 10)")
     parser.add_argument("--masters", type=int, default=None, help="passed to runparallel")
@@ -730,7 +745,7 @@ def add_arguments(parser: Any) -> None:
 def _reproduce(options: dict[str, Any], generator: str, plot: str) -> str:
     parts = ["python manage.py parallel_bench load", f"--pages {options['pages']}", f"--levels {options['levels']}",
              f"--duration {options['duration']:g}", f"--slices {options['slices']}", f"--warmup {options['warmup']:g}", f"--max-slice {options['max_slice']:g}",
-             f"--generator {generator}"]
+             f"--generator {generator}", f"--connections {options['connections']}"]
     if options["url"]:
         parts.append(f"--url {options['url']}")
     for name in ("masters", "workers", "threads"):
@@ -788,17 +803,19 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
     try:
         if generator == "wrk":
             assert wrk_binary is not None
-            wrk = Wrk(wrk_binary, workdir, header, options["timeout"])
+            wrk = Wrk(wrk_binary, workdir, header, options["timeout"], options["connections"])
             slice_fn = wrk.slice
             gen_desc = f"wrk {wrk_version(wrk_binary)} (up to {wrk.threads_cap} threads, --timeout {options['timeout']:g}s)"
             slice_seconds = float(max(1, math.ceil(options["duration"] / options["slices"] - 1e-6)))
         else:
             headers = {"serial": {header: "serial"}, "parallel": {}}
+            if options["connections"] == "close":
+                headers = {mode: {**sent, "Connection": "close"} for mode, sent in headers.items()}
 
             def slice_fn(u: str, c: int, s: float, mode: str) -> Slice:
                 return builtin_slice(u, c, s, headers[mode], mode)
 
-            gen_desc = "built-in (one thread and keep-alive connection per client)"
+            gen_desc = "built-in (a thread per connection)"
             slice_seconds = options["duration"] / options["slices"]
         node_info: dict[str, Any] = {"started": False}
         if url:
@@ -852,6 +869,7 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         "title": f"{'/'.join(p.name for p in pages)} pages under load: {node_info.get('short', base)}, {generator}",
         "node": {**node_info, "orphans": orphans, "pids": sorted(node.seen) if node else []},
         "generator": {"name": generator, "description": gen_desc, "slices": options["slices"],
+                      "connections": options["connections"],
                       "slice_seconds": slice_seconds, "warmup": options["warmup"]},
         "debug": bool(settings.DEBUG), "levels": levels, "pages": results, "plot": plot,
         "reproduce": _reproduce(options, generator, plot),
