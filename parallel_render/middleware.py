@@ -221,7 +221,7 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
             html[f.index] = result["html"]
             if f.cache is not None:
                 fragment_cache.filled(f, result["html"], own=True, by_worker=True)
-            f.node.observe(result["ms"], result.get("cpu"), result.get("rq"))
+            f.node.observe(result["ms"], result.get("cpu"), sent=True)
             nested = f" +{result['nested']} nested" if result.get("nested") else ""
             timing[f.index] = (
                 f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'
@@ -250,11 +250,11 @@ def _render_here(
     """
     started = policy.start_measuring()
     html = f.node.rescue(f, why, kind)
-    ms, cpu_ms, runnable_ms = policy.measured(started)
+    ms, cpu_ms = policy.measured(started)
     if f.cache is not None:
         fragment_cache.filled(f, html, own=not f.node.stands_in(kind))
     if measure:
-        f.node.observe(ms, cpu_ms, runnable_ms)
+        f.node.observe(ms, cpu_ms)
     if signals.block_finished.receivers:
         signals.send(f.node, "fallback" if f.node.stands_in(kind) else "rescued", why, current.request, index=f.index,
                      render_ms=ms, total_ms=(time.monotonic() - f.submitted) * 1000,

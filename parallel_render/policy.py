@@ -1,7 +1,7 @@
 """Where a block renders: sent to a worker only when that can make the page sooner.
 
 Two things must have room for it: a worker (the router's status page), and a CPU (the
-kernel's run queue, CpuRoom).
+share of CPU time left idle, CpuRoom).
 
 A block sent to a router with no idle worker only waits in its queue while the master, which
 could render it, goes on and then waits for it: under load that makes pages slower than
@@ -27,123 +27,112 @@ BATCH_MS = 1.0
 
 
 class CpuRoom:
-    """Whether this machine's CPUs have room for more work, from the kernel's run queue.
+    """Whether this machine's CPUs have room for more work: the share of their time left idle.
 
-    Sending a block costs CPU that rendering it here does not (encoding, sealing, the hops
-    through the router, the worker's set-up): when every core is already busy, that cost
-    comes out of the pages being served, and the node serves fewer of them than plain
-    Django would. /proc/loadavg's fourth field counts the tasks running or waiting to run
-    right now, this thread included; an average over the last MEMORY seconds of samples taken
-    at most every SAMPLE_EVERY seconds (one read shared by the process's threads) smooths a
-    count that jumps from one instant to the next. Room means that average is at most the
-    number of cores: the block's worker can have a core, the master's own once it waits.
+    Sending a block costs CPU that rendering it here does not (capturing and encoding its
+    values, sealing, two hops through the router, the worker's set-up), and a worker renders
+    it colder than the master would (its own caches, another process's memory): on the demo
+    site a block took 1.3x to 2x the CPU in a worker that it took in the master. When the
+    CPUs are busy, that CPU comes out of the pages being served, and the node serves fewer
+    of them than plain Django would.
+
+    /proc/uptime's second field is the idle time summed over the CPUs (10 ms resolution). Its
+    share of the CPUs' time between reads at least SAMPLE_EVERY apart, averaged over the last
+    MEMORY seconds (one read shared by the process's threads, a pread on a descriptor kept
+    open), is what the machine left unused: has_room(share) says whether that is at least
+    share. The kernel counts idle time whoever reads it and whenever: a count of runnable
+    tasks (/proc/loadavg), which this replaced, is read by a master thread while it runs,
+    sees the machine only at such moments, and reported no room at a load that left a fifth
+    of the CPU time idle.
     """
 
-    SAMPLE_EVERY = 0.002
-    # The average forgets with time, not with samples: a master that sent nothing for a while
-    # (an idle site) starts again from what the CPUs do now.
-    MEMORY = 0.05  # seconds
+    SAMPLE_EVERY = 0.01
+    MEMORY = 0.1  # seconds
 
-    def __init__(self, cores: int | None = None, path: str = "/proc/loadavg",
+    def __init__(self, cores: int | None = None, path: str = "/proc/uptime",
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cores = cores or os.cpu_count() or 1
         self.path = path
         self.clock = clock
-        self.runnable: float | None = None  # the moving average; None: cannot be read here
-        self._read_at = self._sampled_at = -1.0
+        self.idle: float | None = None  # the moving average; None: not known (yet, or here)
+        self._fd: int | None = None
+        self._idle_seconds = 0.0  # at _read_at
+        self._read_at: float | None = None
         self._lock = threading.Lock()
         self._broken = False
 
     def sample(self) -> float | None:
-        """The moving average of runnable tasks, read again when the last read is old."""
+        """The moving average of the share of CPU time left idle, read again when the last
+        read is old."""
         now = self.clock()
-        if self._broken or now - self._read_at < self.SAMPLE_EVERY or not self._lock.acquire(blocking=False):
-            return self.runnable
+        if self._broken or not self._lock.acquire(blocking=False):
+            return self.idle
         try:
-            self._read_at = now
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                text = os.read(fd, 128)
-            finally:
-                os.close(fd)
-            running = float(text.split()[3].split(b"/")[0])
+            if self._read_at is not None and now - self._read_at < self.SAMPLE_EVERY:
+                return self.idle
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            idle_seconds = float(os.pread(self._fd, 64, 0).split()[1])
+            previous_at, previous = self._read_at, self._idle_seconds
+            self._read_at, self._idle_seconds = now, idle_seconds
+            if previous_at is not None:
+                elapsed = now - previous_at
+                unused = min(1.0, max(0.0, (idle_seconds - previous) / (elapsed * self.cores)))
+                weight = 1.0 if self.idle is None else 1.0 - math.exp(-elapsed / self.MEMORY)
+                self.idle = unused if self.idle is None else self.idle + weight * (unused - self.idle)
+            return self.idle
         except (OSError, IndexError, ValueError):
             self._broken = True  # not Linux, or no /proc: the CPU is not a reason to keep a block
-            self.runnable = None
+            self.idle = None
             return None
         finally:
             self._lock.release()
-        previous, elapsed = self.runnable, now - self._sampled_at
-        self._sampled_at = now
-        weight = 1.0 if previous is None else 1.0 - math.exp(-elapsed / self.MEMORY)
-        self.runnable = running if previous is None else previous + weight * (running - previous)
-        return self.runnable
 
-    def has_room(self) -> bool:
-        runnable = self.sample()
-        return runnable is None or runnable <= self.cores
+    def has_room(self, share: float) -> bool:
+        idle = self.sample()
+        return idle is None or idle >= share
 
 
 cpu_room = CpuRoom()
 
 
-class ThreadClock:
-    """This thread's CPU time and the time it waited for a CPU while runnable, in seconds.
-
-    /proc/thread-self/schedstat holds both (nanoseconds), read with one pread on a descriptor
-    each thread keeps open. A render's wall time is its CPU time, its wait for a CPU (a busy
-    machine) and its wait on everything else (a database, a cache, a service): only that last
-    part is time a worker spares the master's thread (should_send). Where the file cannot be
-    read, the CPU time is time.thread_time() and the wait for a CPU is not known (0).
-    """
-
-    PATH = "/proc/thread-self/schedstat"
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-        self._broken = False
-
-    def read(self) -> tuple[float, float]:
-        if not self._broken:
-            fd = getattr(self._local, "fd", None)
-            try:
-                if fd is None:
-                    fd = self._local.fd = os.open(self.PATH, os.O_RDONLY | os.O_CLOEXEC)
-                fields = os.pread(fd, 96, 0).split()
-                return int(fields[0]) / 1e9, int(fields[1]) / 1e9
-            except (OSError, IndexError, ValueError):
-                self._broken = True
-        return time.thread_time(), 0.0
+def measured(started: tuple[float, float]) -> tuple[float, float]:
+    """Since `started` (start_measuring()): the wall time and this thread's CPU time, in ms."""
+    wall, cpu = started
+    return (time.perf_counter() - wall) * 1000, (time.thread_time() - cpu) * 1000
 
 
-thread_clock = ThreadClock()
+def start_measuring() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
 
 
-def measured(started: tuple[float, float, float]) -> tuple[float, float, float]:
-    """Since `started` (time.perf_counter() and thread_clock.read() then): the wall time, the CPU
-    time and the wait for a CPU, in ms."""
-    wall, cpu, runnable = started
-    now_cpu, now_runnable = thread_clock.read()
-    return ((time.perf_counter() - wall) * 1000, (now_cpu - cpu) * 1000, (now_runnable - runnable) * 1000)
+# A block is sent only while at least IDLE_SHARE of the CPUs' time is idle, and more the more
+# CPU its worker's render costs over the master's: IDLE_PER_EXTRA for each time over, up to
+# IDLE_MOST. A block measured only in workers is taken to cost DEFAULT_EXTRA more, until the
+# master renders it too (it does, once the CPUs are busier than that allows).
+IDLE_SHARE = 0.1
+IDLE_PER_EXTRA = 0.4
+IDLE_MOST = 0.5
+DEFAULT_EXTRA = 0.5
 
 
-def start_measuring() -> tuple[float, float, float]:
-    return (time.perf_counter(), *thread_clock.read())
-
-
-# With every core busy, a block is still sent when it waits (on a database, a cache, a
-# service: not for a CPU) at least this many times as long as it runs on one: it would hold a
-# master thread for that wait, and its worker needs little CPU.
-WAITING_RATIO = 1.0
+def idle_needed(here_cpu_ms: float | None, sent_cpu_ms: float | None) -> float:
+    """The share of CPU time that must be idle for a block with these CPU costs (median ms
+    of CPU of a render in the master, and in a worker) to be sent."""
+    if not here_cpu_ms or sent_cpu_ms is None:
+        extra = DEFAULT_EXTRA
+    else:
+        extra = max(0.0, sent_cpu_ms / here_cpu_ms - 1.0)
+    return min(IDLE_MOST, IDLE_SHARE + IDLE_PER_EXTRA * extra)
 
 
 def should_send(
-    load: RouterLoad | None, cost_ms: float | None, nested: bool = False, cpu_ms: float | None = None,
-    wait_ms: float | None = None,
+    load: RouterLoad | None, cost_ms: float | None, nested: bool = False, here_cpu_ms: float | None = None,
+    sent_cpu_ms: float | None = None,
 ) -> bool:
     """Whether a block of this expected cost should go to the router now, given its load and
-    the CPUs' (cpu_ms: the part of cost_ms its render spends on a CPU, wait_ms: the part it
-    waits on something other than a CPU, when measured).
+    the CPUs' (here_cpu_ms, sent_cpu_ms: the CPU time of its renders in the master and in a
+    worker, when measured; idle_needed()).
 
     Without a status page (a TCP router) every block is sent: the take-back at the end of
     the page keeps a queued block from costing more than the master rendering it itself.
@@ -152,10 +141,8 @@ def should_send(
         return True
     if load.stopping or load.workers == 0:
         return False
-    if not cpu_room.has_room() and (cpu_ms is None or wait_ms is None or wait_ms < WAITING_RATIO * cpu_ms):
-        # Every core is busy: a worker would render it no sooner, and sending costs CPU. On a
-        # busy machine a block's time grows by its wait for a CPU, which is not a wait a worker
-        # spares: only a block that mostly waits on something else is still sent.
+    if not cpu_room.has_room(idle_needed(here_cpu_ms, sent_cpu_ms)):
+        # The CPUs are busy: a worker would render it no sooner, and sending costs CPU.
         return False
     ahead = load.queued - load.idle  # jobs that no idle worker will take before this one
     if ahead < 0:

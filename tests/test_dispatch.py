@@ -24,20 +24,27 @@ from tests.conftest import block_pids, rescued, run_concurrently, thread
 
 @pytest.fixture(autouse=True)
 def cpu(tmp_path, monkeypatch):
-    """The run queue the policy reads, as this test sets it: room (1 task running) unless a
-    test says otherwise, whatever else this machine is running."""
-    path = tmp_path / "loadavg"
-
-    def running(n: int) -> None:
-        path.write_text(f"0.50 0.40 0.30 {n}/120 4242\n")
-        room.runnable = None  # read it again now, from scratch
-        now[0] += 1.0
-
+    """The CPUs' idle time the policy reads, as this test sets it: all idle unless a test
+    says otherwise, whatever else this machine is running."""
+    path = tmp_path / "uptime"
     now = [1000.0]
+    idle_seconds = [0.0]
+
+    def left_idle(share: float) -> None:
+        """From now on, this share of the CPUs' time is idle (a second of it, read at once)."""
+        room._read_at = None
+        room.idle = None
+        for _ in range(2):
+            path.write_text(f"{now[0]:.2f} {idle_seconds[0]:.2f}\n")
+            room.sample()
+            now[0] += 1.0
+            idle_seconds[0] += share * room.cores
+        path.write_text(f"{now[0]:.2f} {idle_seconds[0]:.2f}\n")
+
     room = policy.CpuRoom(cores=2, path=str(path), clock=lambda: now[0])
-    room.now = now  # the test's clock: tests move it on
-    running(1)
-    room.set_running = running
+    room.now = now
+    room.left_idle = left_idle
+    left_idle(1.0)
     monkeypatch.setattr(policy, "cpu_room", room)
     return room
 
@@ -77,57 +84,68 @@ def test_a_block_that_would_wait_longer_than_it_takes_renders_here():
     assert not policy.should_send(load(queued=0), 500.0, nested=True)
 
 
-def test_the_run_queue_is_read_from_proc_loadavg_and_averaged(cpu):
-    assert cpu.sample() == 1 and cpu.has_room()
-    cpu.set_running(9)
-    assert cpu.sample() == 9 and not cpu.has_room()
-    # Samples closer together than SAMPLE_EVERY share one read; a later one moves the average
-    # toward it, the more the longer since the last one.
+def test_the_idle_share_is_read_from_proc_uptime_and_averaged(cpu):
+    cpu.left_idle(0.5)
+    assert cpu.sample() == pytest.approx(0.5)
+    assert cpu.has_room(0.4) and not cpu.has_room(0.6)
+    # Reads closer together than SAMPLE_EVERY share one; a later one moves the average toward
+    # what it saw, the more the longer since the last one.
     with open(cpu.path, "w") as f:
-        f.write("0.50 0.40 0.30 2/120 4242\n")
-    assert cpu.sample() == 9
-    cpu.now[0] += cpu.SAMPLE_EVERY * 2
-    assert cpu.sample() == pytest.approx(9 + (1 - math.exp(-cpu.SAMPLE_EVERY * 2 / cpu.MEMORY)) * (2 - 9))
-    cpu.now[0] += cpu.MEMORY * 10  # an idle while: the past is forgotten
-    assert cpu.sample() == pytest.approx(2, abs=0.01)
-    assert policy.CpuRoom(path="/nonexistent/loadavg").has_room()  # unreadable: never a reason
+        f.write(f"{cpu.now[0] + 0.02:.2f} {cpu._idle_seconds:.2f}\n")  # 20 ms, none of it idle
+    cpu.now[0] += cpu.SAMPLE_EVERY / 2
+    assert cpu.sample() == pytest.approx(0.5)
+    cpu.now[0] += 0.02 - cpu.SAMPLE_EVERY / 2
+    weight = 1 - math.exp(-0.02 / cpu.MEMORY)
+    assert cpu.sample() == pytest.approx(0.5 + weight * (0.0 - 0.5))
+    cpu.left_idle(0.0)  # a while of busy CPUs: the past is forgotten
+    assert cpu.sample() == pytest.approx(0.0, abs=0.01)
+    assert policy.CpuRoom(path="/nonexistent/uptime").has_room(1.0)  # unreadable: never a reason
 
 
-def test_with_every_core_busy_only_blocks_that_mostly_wait_are_sent(cpu):
+def test_the_real_proc_uptime_gives_a_share():
+    room = policy.CpuRoom()
+    room.sample()
+    time.sleep(room.SAMPLE_EVERY * 3)
+    assert 0.0 <= room.sample() <= 1.0
+
+
+def test_a_block_needs_more_idle_cpu_the_more_a_worker_renders_it_over_the_master(cpu):
+    assert policy.idle_needed(10.0, 10.0) == policy.IDLE_SHARE
+    assert policy.idle_needed(10.0, 8.0) == policy.IDLE_SHARE  # cheaper there: no less than the floor
+    assert policy.idle_needed(10.0, 15.0) == pytest.approx(policy.IDLE_SHARE + 0.5 * policy.IDLE_PER_EXTRA)
+    assert policy.idle_needed(1.0, 100.0) == policy.IDLE_MOST
+    unknown = policy.IDLE_SHARE + policy.DEFAULT_EXTRA * policy.IDLE_PER_EXTRA
+    assert policy.idle_needed(None, 10.0) == policy.idle_needed(10.0, None) == pytest.approx(unknown)
+
     idle = load(idle=2, queued=0)
-    assert policy.should_send(idle, 20.0, cpu_ms=18.0, wait_ms=0.0)
-    cpu.set_running(5)  # 5 tasks want the 2 cores
-    assert not policy.should_send(idle, 20.0, cpu_ms=18.0, wait_ms=0.0)  # CPU-bound: rendered here
-    assert not policy.should_send(idle, 20.0)  # CPU time unknown: rendered here, which measures it
-    assert policy.should_send(idle, 20.0, cpu_ms=2.0, wait_ms=18.0)  # mostly waiting: a worker holds the wait
-    # 40 ms, of which 10 on a CPU and 25 waiting for one: a busy machine stretched a CPU-bound
-    # block, which does not wait on anything a worker would spare the master.
-    assert not policy.should_send(idle, 40.0, cpu_ms=10.0, wait_ms=5.0)
-    assert policy.should_send(None, 20.0, cpu_ms=18.0, wait_ms=0.0)  # a TCP router's workers have CPUs of their own
+    cpu.left_idle(0.6)
+    assert policy.should_send(idle, 20.0, here_cpu_ms=18.0, sent_cpu_ms=18.0)
+    cpu.left_idle(policy.IDLE_SHARE / 2)  # the CPUs are busy
+    assert not policy.should_send(idle, 20.0, here_cpu_ms=18.0, sent_cpu_ms=18.0)
+    assert not policy.should_send(idle, 20.0)  # not measured: as busy for it
+    assert policy.should_send(None, 20.0)  # a TCP router's workers have CPUs of their own
+    cpu.left_idle(policy.IDLE_SHARE + 0.1)
+    assert policy.should_send(idle, 20.0, here_cpu_ms=10.0, sent_cpu_ms=10.0)
+    assert not policy.should_send(idle, 20.0, here_cpu_ms=10.0, sent_cpu_ms=20.0)  # twice the CPU in a worker
 
 
-def test_a_block_knows_its_wait_apart_from_its_cpu_and_its_wait_for_a_cpu():
+def test_a_block_keeps_its_cpu_here_and_in_workers_apart():
     node = parallel_nodes(Template("{% load parallel %}{% parallel %}x{% endparallel %}"))[0]
-    node.observe(40.0, 10.0, 25.0)
-    assert (node.cost_ms, node.cpu_ms, node.wait_ms) == (40.0, 10.0, 5.0)
-    node.observe(40.0, 10.0)  # the wait for a CPU not known: the waits are not guessed
-    assert node.wait_ms == 5.0
+    node.observe(40.0, 10.0)
+    node.observe(30.0, 14.0, sent=True)
+    assert (node.cost_ms, node.here_cpu_ms, node.sent_cpu_ms) == (35.0, 10.0, 14.0)
+    node.observe(30.0)  # CPU time not known: the medians stay
+    assert (node.here_cpu_ms, node.sent_cpu_ms) == (10.0, 14.0)
 
 
-def test_the_thread_clock_counts_this_threads_cpu_and_its_wait_for_one():
+def test_measuring_counts_this_threads_cpu():
     started = policy.start_measuring()
     end = time.thread_time() + 0.02
     while time.thread_time() < end:
         pass
     time.sleep(0.05)
-    ms, cpu_ms, runnable_ms = policy.measured(started)
-    assert ms >= 70 and 19 <= cpu_ms < ms and 0 <= runnable_ms <= ms - cpu_ms
-    # A thread of its own reads its own numbers, not this one's.
-    seen = []
-    worker = threading.Thread(target=lambda: seen.append(policy.thread_clock.read()))
-    worker.start()
-    worker.join()
-    assert seen[0][0] < policy.thread_clock.read()[0]
+    ms, cpu_ms = policy.measured(started)
+    assert ms >= 70 and 19 <= cpu_ms < ms
 
 
 # -- a worker the test controls, on a real router ---------------------------------------------
@@ -360,26 +378,23 @@ def test_a_block_that_would_only_wait_renders_in_place_without_being_sent(unix_w
     assert not block_pids(response) and not rescued(response)
 
 
-def test_with_every_core_busy_cpu_bound_blocks_render_in_place_and_waiting_ones_still_go(unix_workers, cpu):
+def test_with_the_cpus_busy_blocks_render_in_place(unix_workers, cpu):
     client = Client()
     router = RouterClient(unix_workers.address)
-    for _ in range(3):  # the blocks' costs, and how much of them is CPU, as the workers report them
+    for _ in range(3):  # the blocks' costs as the workers report them
         client.get("/p/cpu_bound/?ms=15")
-        client.get("/p/takeback/?sleep=0.02")
     with serially():
         serial = client.get("/p/cpu_bound/?ms=15")
-    cpu.set_running(6)  # 6 tasks want the 2 cores
+    cpu.left_idle(0.0)
     before = router.stats()
     response = client.get("/p/cpu_bound/?ms=15")
     after = router.stats()
     assert response.content == serial.content
     assert after["submitted"] == before["submitted"]  # all four rendered here, none sent
     assert not block_pids(response)
-    # Blocks that mostly wait still go (as many as the two workers can start soon): a worker
-    # holds the wait, not a master thread.
-    response = client.get("/p/takeback/?sleep=0.02")
-    assert block_pids(response)
-    assert router.stats()["submitted"] > after["submitted"]
+    cpu.left_idle(1.0)  # room again: the blocks go
+    response = client.get("/p/cpu_bound/?ms=15")
+    assert response.content == serial.content and block_pids(response)
     router.close()
 
 

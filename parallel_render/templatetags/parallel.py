@@ -74,24 +74,29 @@ class ParallelNode(Node):
         # What rendering this block costs, in ms (None until measured): see observe().
         self.cost_ms: float | None = None
         self._samples: list[float] = []
-        # Of that, the time on a CPU (the rendering thread's CPU time), None until measured.
-        self.cpu_ms: float | None = None
-        self._cpu_samples: list[float] = []
-        # And the time it waited on something other than a CPU (a database, a cache, a
-        # service): its time less its CPU time and its wait for a CPU. None until measured.
-        self.wait_ms: float | None = None
-        self._wait_samples: list[float] = []
+        # Of that, the time on a CPU (the rendering thread's CPU time) in this master and in
+        # a worker, apart: the policy weighs what a worker's render costs over ours. None until
+        # measured there.
+        self.here_cpu_ms: float | None = None
+        self._here_samples: list[float] = []
+        self.sent_cpu_ms: float | None = None
+        self._sent_samples: list[float] = []
 
-    def observe(self, ms: float, cpu_ms: float | None = None, runnable_ms: float | None = None) -> None:
-        """One render's time, the CPU time it took and how long it waited for a CPU (runnable
-        but not running). The cost is the median of the last few: a worker's first render of a
-        block also loads its template and opens connections (often 100x the render), and an
-        average would carry that one sample for dozens of pages."""
+    def observe(self, ms: float, cpu_ms: float | None = None, sent: bool = False) -> None:
+        """One render's time and the CPU time it took, here or (sent) in a worker. Each is the
+        median of the last few: a worker's first render of a block also loads its template and
+        opens connections (often 100x the render), and an average would carry that one sample
+        for dozens of pages."""
         self.cost_ms = _median_of_last(self._samples, ms)
         if isinstance(cpu_ms, (int, float)):
-            self.cpu_ms = _median_of_last(self._cpu_samples, float(cpu_ms))
-            if isinstance(runnable_ms, (int, float)):
-                self.wait_ms = _median_of_last(self._wait_samples, max(0.0, ms - cpu_ms - runnable_ms))
+            if sent:
+                self.sent_cpu_ms = _median_of_last(self._sent_samples, float(cpu_ms))
+            else:
+                self.here_cpu_ms = _median_of_last(self._here_samples, float(cpu_ms))
+
+    def cpu_busy(self) -> bool:
+        """Whether the CPUs are too busy for this block to be sent (policy.idle_needed)."""
+        return not policy.cpu_room.has_room(policy.idle_needed(self.here_cpu_ms, self.sent_cpu_ms))
 
     def __repr__(self) -> str:
         return f"<ParallelNode {self.label}>"
@@ -117,11 +122,11 @@ class ParallelNode(Node):
             # Cheaper to render here than to send: keep measuring, in case it grows.
             return self._render_measured(current, context, "cheap")
         if config["ADAPTIVE"] and not policy.should_send(
-            current.client.load(), self.cost_ms, current.nested, self.cpu_ms, self.wait_ms
+            current.client.load(), self.cost_ms, current.nested, self.here_cpu_ms, self.sent_cpu_ms
         ):
             # No worker would start it soon, or no CPU would run it sooner than this one:
             # rendering it here costs the page (and the node) less than sending it.
-            why = "no idle worker" if policy.cpu_room.has_room() else "every CPU busy"
+            why = "every CPU busy" if self.cpu_busy() else "no idle worker"
             if current.streaming:  # rendered here after the first byte, not before it
                 deferred = streaming.defer(self, current, context, why, sys._getframe(1), began)
                 if deferred is not None:
@@ -239,9 +244,9 @@ class ParallelNode(Node):
         if config["MIN_BLOCK_MS"] and self.cost_ms is not None and self.cost_ms < config["MIN_BLOCK_MS"]:
             why = "cheap"
         elif config["ADAPTIVE"] and not policy.should_send(
-            current.client.load(), self.cost_ms, current.nested, self.cpu_ms, self.wait_ms
+            current.client.load(), self.cost_ms, current.nested, self.here_cpu_ms, self.sent_cpu_ms
         ):
-            why = "no idle worker" if policy.cpu_room.has_room() else "every CPU busy"
+            why = "every CPU busy" if self.cpu_busy() else "no idle worker"
         else:
             why = self.reason_inline(context, frame)
         try:
@@ -304,9 +309,9 @@ class ParallelNode(Node):
             return self._render_inline(context)
         started = policy.start_measuring()
         html, failure = self._render_inline(context)
-        ms, cpu_ms, runnable_ms = policy.measured(started)
+        ms, cpu_ms = policy.measured(started)
         if measure:
-            self.observe(ms, cpu_ms, runnable_ms)
+            self.observe(ms, cpu_ms)
         if report:
             # On the page's time line (signals.BlockRecord): it began ms ago.
             current = session.current()
