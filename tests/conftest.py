@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import re
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +15,20 @@ from django.db import connections
 
 from parallel_render.signals import BlockRecord
 from parallel_render.testing import capture_blocks, parallel_workers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_tally_files_left() -> Iterator[None]:
+    """The {% tally %} tag of the test site counts renders in files under the temp directory
+    (workers are other processes); the ones this run wrote go when it ends."""
+    started = time.time()
+    yield
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "pr-tally-*")):
+        try:
+            if os.path.getmtime(path) >= started:
+                os.remove(path)
+        except OSError:
+            pass
 
 
 @pytest.fixture(scope="session")
