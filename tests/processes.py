@@ -59,6 +59,23 @@ def gunicorn_site(router: str, probe: str, workers: int = 1, kind: str = "gthrea
                   env: dict[str, str] | None = None) -> Iterator[str]:
     """A real gunicorn serving the test site (tests.wsgi) on a free port, its masters sending
     blocks to the router at `router`; yields its base URL once `probe` answers."""
+    extra = ["--threads", str(threads)] if kind == "gthread" else []
+    with _served(lambda port: ["-m", "gunicorn", "tests.wsgi", "-b", f"127.0.0.1:{port}", "-w", str(workers),
+                               "-k", kind, *extra, "--log-level", "warning"], router, probe, env) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def uvicorn_site(router: str, probe: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real uvicorn serving the test site (tests.asgi, Django's ASGI handler) on a free port."""
+    with _served(lambda port: ["-m", "uvicorn", "tests.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+                               "--log-level", "warning"], router, probe, env) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def _served(args, router: str, probe: str, env: dict[str, str] | None) -> Iterator[str]:
+    """`python ARGS(port)` serving the test site on the test database, on a free port."""
     from django.conf import settings
 
     from tests.servers import free_port
@@ -67,16 +84,11 @@ def gunicorn_site(router: str, probe: str, workers: int = 1, kind: str = "gthrea
     port = free_port()
     environ = dict(os.environ, DJANGO_SETTINGS_MODULE="tests.settings", PYTHONPATH=str(root),
                    PR_TEST_DB=str(settings.DATABASES["default"]["NAME"]), PARALLEL_RENDER_ROUTER=router, **(env or {}))
-    extra = ["--threads", str(threads)] if kind == "gthread" else []
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "tests.wsgi", "-b", f"127.0.0.1:{port}", "-w", str(workers),
-         "-k", kind, *extra, "--log-level", "warning"],
-        cwd=root, env=environ,
-    )
+    proc = subprocess.Popen([sys.executable, *args(port)], cwd=root, env=environ)
     base = f"http://127.0.0.1:{port}"
     try:
         if not wait_for(lambda: _answers(base + probe), 20):
-            raise AssertionError("gunicorn did not start")
+            raise AssertionError(f"{args(port)[1]} did not start")
         yield base
     finally:
         proc.terminate()

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from parallel_render import streaming
 from parallel_render.testing import serially
 from tests.conftest import block_pids, rescued, run_concurrently
-from tests.processes import gunicorn_site
+from tests.processes import gunicorn_site, uvicorn_site, wait_for
 from tests.test_property import CONTEXTS, GENERATED
 from tests.test_property import node as generated_node
 
@@ -268,6 +268,30 @@ def test_gunicorn_streams_the_skeleton_first_and_the_page_equals_the_serial_one(
     finally:
         gate.touch()
         response.close()
+
+
+@pytest.mark.parametrize("view", ["st", "st-async"])
+def test_uvicorn_streams_the_skeleton_first_and_the_page_equals_the_serial_one(parallel, tmp_path, view):
+    # A real ASGI server: the middleware runs async, and a sync view's page streams as an
+    # async view's does.
+    gate = tmp_path / "open"
+    path = f"/{view}/stream/?marker=u&n=3&gate={gate}"
+    with uvicorn_site(parallel.address, "/outstanding/") as base:
+        response = RawResponse(base, path)
+        try:
+            assert response.status == 200 and "content-length" not in response.headers
+            sent = response.read_until(b"<i>u-2</i>\n")
+            response.sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                response.read_chunk()
+            response.sock.settimeout(10)
+            assert b'<h1 id="skeleton">skeleton u</h1>' in sent and b'id="slow"' not in sent
+            gate.touch()
+            assert response.read_all() == fetch_serial(base, path)
+        finally:
+            gate.touch()
+            response.close()
+        assert wait_for(lambda: outstanding(base) == 0, 10)
 
 
 def test_gunicorn_streams_only_each_request_its_own_blocks(gunicorn):
