@@ -231,6 +231,7 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
                 total = (answer.received - f.submitted) * 1000
                 signals.send(f.node, "sent", "", current.request, index=f.index, queue_ms=max(total - result["ms"], 0.0),
                              render_ms=result["ms"], total_ms=total, pid=result["pid"], nested=result.get("nested") or 0,
+                             worker_slot=result.get("slot") if isinstance(result.get("slot"), int) else None,
                              **_time_line(current, f, _worker_began(f, decoded, answer.received, result["ms"])),
                              later=current.held)
             continue

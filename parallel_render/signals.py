@@ -84,6 +84,9 @@ class BlockRecord:
     submit_ms: float | None = None
     render_start_ms: float | None = None
     stitched_ms: float | None = None
+    # The node's worker slot that rendered it ("sent" only; None for a worker the node did not
+    # start): unlike the pid, it stays when the slot's worker is replaced.
+    worker_slot: int | None = None
 
     @property
     def label(self) -> str:
@@ -106,6 +109,7 @@ def send(
     start_ms: float | None = None,
     submit_ms: float | None = None,
     render_start_ms: float | None = None,
+    worker_slot: int | None = None,
     later: list[tuple[Any, BlockRecord]] | None = None,
 ) -> None:
     """Build the block's record and send block_finished. Callers test `block_finished.receivers` first.
@@ -115,6 +119,7 @@ def send(
     record = BlockRecord(
         outcome, reason, node.template_name, node.line, f"{node.template_name or '<string>'}#{node.ordinal}:{node.digest}",
         index, queue_ms, render_ms, total_ms, pid, nested, request, start_ms, submit_ms, render_start_ms,
+        worker_slot=worker_slot,
     )
     if later is not None:
         later.append((node, record))

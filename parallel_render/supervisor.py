@@ -557,7 +557,7 @@ class Supervisor:
     def _spawn_worker(self, slot: int, now: float) -> None:
         from parallel_render.cluster import worker_command
         from parallel_render.layout import apply_affinity
-        from parallel_render.worker import HEARTBEAT_ENV
+        from parallel_render.worker import HEARTBEAT_ENV, SLOT_ENV
 
         assert self.dir is not None
         self._spawned += 1
@@ -568,7 +568,7 @@ class Supervisor:
         proc = subprocess.Popen(
             worker_command(self.address, self.max_jobs, self.worker_args),
             # faulthandler: SIGABRT (a stuck worker) writes the worker's Python stack to stderr.
-            env={**self.env, HEARTBEAT_ENV: heartbeat, "PYTHONFAULTHANDLER": "1"},
+            env={**self.env, HEARTBEAT_ENV: heartbeat, SLOT_ENV: str(slot), "PYTHONFAULTHANDLER": "1"},
             # Its own session: a terminal's Ctrl-C reaches the supervisor, which stops things in order.
             stdin=subprocess.DEVNULL, start_new_session=True,
         )

@@ -28,6 +28,9 @@ logger = logging.getLogger("parallel_render")
 # A file the node's supervisor gave this worker: its mtime is our heartbeat, so a worker
 # stuck in one job (or stopped) is noticed, killed and replaced.
 HEARTBEAT_ENV = "PARALLEL_RENDER_WORKER_HEARTBEAT"
+# The node's slot this worker fills (0, 1, ...): its results carry it, so a master can count a
+# slot's work across the workers that fill it in turn (metrics), where pids would pile up.
+SLOT_ENV = "PARALLEL_RENDER_WORKER_SLOT"
 HEARTBEAT_EVERY = 0.5
 # How long a recv or send on the router socket may block before the loop looks up again
 # (parent alive, heartbeat, told to stop). Kept in the kernel (SO_RCVTIMEO/SO_SNDTIMEO)
@@ -78,6 +81,8 @@ class Worker:
         # Blocks nested in a job go out through this process's own master connection.
         self.nested_client = RouterClient(address) if nested else None
         self.pid = os.getpid()
+        slot = os.environ.get(SLOT_ENV, "")
+        self.slot = int(slot) if slot.isdigit() else None
         # Placeholders of nested blocks: a secret of this process and a job counter, so a job
         # costs no getrandom() yet no page can guess another job's placeholders.
         self._token_prefix = secrets.token_hex(12)
@@ -255,6 +260,8 @@ class Worker:
                 # request ends now, so Django closes what it must before the next job.
                 self.end_request()
         result["pid"] = self.pid
+        if self.slot is not None:
+            result["slot"] = self.slot
         # When it began, on the clock the machine's processes share: the master's waterfall.
         result["at"] = at
         # A block's own "ms" is its rendering (the master's cost model); a bundle's is the job's.

@@ -23,6 +23,9 @@ def test_each_block_a_worker_rendered_is_reported_once_with_its_worker_and_times
     assert {r.pid for r in records} <= set(parallel.worker_pids) and os.getpid() not in {r.pid for r in records}
     # Every block's HTML shows the pid that rendered it: the record names the same one.
     assert [r.pid for r in records] == [int(pid) for pid in re.findall(r"<div>\w pid=(\d+)</div>", response.content.decode())]
+    # And the node's slot it fills: one slot per worker pid, of the cluster's two.
+    slots = {r.pid: r.worker_slot for r in records}
+    assert set(slots.values()) <= {0, 1} and len(set(slots.values())) == len(slots)
     for r in records:
         assert (r.template, r.line, r.reason, r.label) == ("t/slow.html", 2, "", "t/slow.html:2")
         assert r.block_id.startswith("t/slow.html#0:")

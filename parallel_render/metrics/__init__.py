@@ -52,8 +52,8 @@ QUEUE = Histogram(
 )
 WORKER_BUSY = Counter(
     "parallel_render_worker_busy_seconds",
-    "Time each worker spent rendering blocks that came back to a master: its rate is the worker's utilisation",
-    ["worker_pid"],
+    "Time each worker slot spent rendering blocks that came back to a master: its rate is the slot's utilisation",
+    ["worker"],
 )
 
 
@@ -77,7 +77,11 @@ def record_block(sender: Any, record: signals.BlockRecord, **kwargs: Any) -> Non
         if record.queue_ms is not None:
             queue.observe(record.queue_ms / 1000)
         if record.pid is not None and record.render_ms is not None:
-            WORKER_BUSY.labels(str(record.pid)).inc(record.render_ms / 1000)
+            # By the node's slot, which outlives the worker that fills it: labelled by pid, every
+            # recycled worker would leave a series behind in every master. A worker the node did
+            # not start has no slot, and is named by its pid.
+            worker = str(record.worker_slot) if record.worker_slot is not None else f"pid {record.pid}"
+            WORKER_BUSY.labels(worker).inc(record.render_ms / 1000)
 
 
 def install() -> None:
