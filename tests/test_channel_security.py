@@ -30,6 +30,7 @@ from parallel_render.client import HandshakeError, RouterClient, RouterUnavailab
 from parallel_render.cluster import LocalCluster, child_env, worker_command
 from parallel_render.testing import parallel_workers, serially
 from tests.conftest import block_pids, rescued
+from tests.processes import stop
 
 SITE_KEY = "tests-not-secret"  # tests/settings.py
 
@@ -345,12 +346,7 @@ def worker_process(address: str, log_path: str, db_name: str | None = None):
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def use_router(monkeypatch, address: str) -> None:

@@ -248,6 +248,21 @@ def outstanding(base: str) -> int:
     return counts["awaiting"] + counts["uncollected"]
 
 
+def skeleton_first_then_serial(response: RawResponse, base: str, path: str, gate: Path, marker: str) -> None:
+    """The streamed page of /st/stream/: the skeleton and the blocks before the slow one come
+    first, nothing more while the slow block's worker waits for the gate, then (gate opened)
+    the rest, the whole equal to the serial page."""
+    sent = response.read_until(f"<i>{marker}-2</i>\n".encode())
+    # Nothing more comes while the slow block's worker waits for the gate.
+    response.sock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        response.read_chunk()
+    response.sock.settimeout(10)
+    assert f'<h1 id="skeleton">skeleton {marker}</h1>'.encode() in sent and b'id="slow"' not in sent
+    gate.touch()
+    assert response.read_all() == fetch_serial(base, path)
+
+
 def test_gunicorn_streams_the_skeleton_first_and_the_page_equals_the_serial_one(gunicorn, tmp_path):
     gate = tmp_path / "open"
     path = f"/st/stream/?marker=g&n=3&gate={gate}"
@@ -256,15 +271,7 @@ def test_gunicorn_streams_the_skeleton_first_and_the_page_equals_the_serial_one(
         assert response.status == 200 and "content-length" not in response.headers
         assert "pr-stream;dur=" in response.headers["server-timing"]
         assert response.headers["x-accel-buffering"] == "no"  # nginx passes each part on
-        sent = response.read_until(b"<i>g-2</i>\n")
-        # Nothing more comes while the slow block's worker waits for the gate.
-        response.sock.settimeout(0.3)
-        with pytest.raises(TimeoutError):
-            response.read_chunk()
-        response.sock.settimeout(10)
-        assert b'<h1 id="skeleton">skeleton g</h1>' in sent and b'id="slow"' not in sent
-        gate.touch()
-        assert response.read_all() == fetch_serial(gunicorn, path)
+        skeleton_first_then_serial(response, gunicorn, path, gate, "g")
     finally:
         gate.touch()
         response.close()
@@ -280,14 +287,7 @@ def test_uvicorn_streams_the_skeleton_first_and_the_page_equals_the_serial_one(p
         response = RawResponse(base, path)
         try:
             assert response.status == 200 and "content-length" not in response.headers
-            sent = response.read_until(b"<i>u-2</i>\n")
-            response.sock.settimeout(0.3)
-            with pytest.raises(TimeoutError):
-                response.read_chunk()
-            response.sock.settimeout(10)
-            assert b'<h1 id="skeleton">skeleton u</h1>' in sent and b'id="slow"' not in sent
-            gate.touch()
-            assert response.read_all() == fetch_serial(base, path)
+            skeleton_first_then_serial(response, base, path, gate, "u")
         finally:
             gate.touch()
             response.close()
