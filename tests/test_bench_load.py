@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 from parallel_render.bench import load
+from parallel_render.bench.stats import ratio_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,6 +113,55 @@ def test_slices_grow_with_the_expected_latency():
     assert bench.slice_seconds(16, idle, previous) == 4.0
     stalled = {**previous, "serial": {"rps": 0.0}}
     assert bench.slice_seconds(2, idle, stalled) == 10  # nothing finished: as long as allowed
+
+
+def test_slices_grow_until_the_slower_mode_finishes_min_requests():
+    bench = load.LoadBench("http://127.0.0.1:1", [], [1], duration=6, slices=3, warmup=0, slice_fn=None,
+                           serial_header="X-Parallel-Render", max_slice=100, min_requests=600)
+    idle = {"ms": {"serial": 200.0, "parallel": 50.0}}
+    # One connection, 200 ms a request: 5 req/s in the slower mode, so 600 take 120 s in 3 slices.
+    assert bench.slice_seconds(1, idle, None) == pytest.approx(40.0)
+    # The node served 20 req/s serially at the previous level: no more with more connections.
+    previous = {"serial": {"rps": 20.0}, "parallel": {"rps": 40.0}, "slice_seconds": 2.0}
+    assert bench.slice_seconds(16, idle, previous) == pytest.approx(10.0)
+    bench.max_slice = 8
+    assert bench.slice_seconds(16, idle, previous) == 8  # still capped by --max-slice
+    bench.min_requests = 0
+    assert bench.slice_seconds(16, idle, previous) == pytest.approx(3.2)  # as without it
+
+
+def test_the_p99_ratio_comes_with_a_bootstrap_interval():
+    draw = random.Random(7)
+    same = [draw.expovariate(1 / 100) for _ in range(600)], [draw.expovariate(1 / 100) for _ in range(600)]
+    low, high = ratio_interval(*same)
+    assert low < 1.0 < high  # one distribution: the interval holds 1
+    assert high - low > 0.1  # and 600 requests a mode cannot pin a p99 ratio to within 5 %
+    slower = [2 * ms for ms in same[0]]
+    low, high = ratio_interval(slower, same[1])
+    assert 1.0 < low < 2.0 < high < 3.0
+    nan = ratio_interval([], same[1])
+    assert nan[0] != nan[0]
+
+
+def test_the_table_gives_each_p99_ratio_its_interval():
+    mixed = load.parse_pages("mixed")[0]
+    serial, parallel = _mode(20, 300, 600), _mode(19, 320, 690)
+    ratios, missed = load.judge(mixed, 8, serial, parallel)
+    ratios["p99_interval"] = [0.97, 1.31]
+    level = {"concurrency": 8, "slice_seconds": 10.0, "rounds": 25, "serial": serial, "parallel": parallel,
+             "ratios": ratios, "missed": missed, "check": {"blocks": 17, "offloaded": 14, "block_ms_p50": 20.0}}
+    result = {"node": {"description": "a node"}, "pages": [{"name": "mixed", "path": mixed.path, "speedup_target": None,
+                                                           "levels": [level]}],
+              "generator": {"description": "wrk", "slices": 3, "slice_seconds": 2.0, "warmup": 1, "connections": "close",
+                            "min_requests": 600},
+              "reproduce": "python manage.py parallel_bench load"}
+    text = load.format_result(result)
+    lines = text.split("\n")
+    at = next(n for n, line in enumerate(lines) if line.startswith("| conc"))
+    header, row = lines[at], lines[at + 2]
+    assert "p99 90% interval" in header
+    assert "1.15x" in row and "0.97-1.31x" in row and "MISS: p99 1.15x > 1.05x" in row
+    assert "for 4 requests per connection each and 600 per mode" in text
 
 
 def test_a_mode_that_completed_nothing_is_flagged_not_divided_by():

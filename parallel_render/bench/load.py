@@ -45,7 +45,7 @@ from xml.sax.saxutils import escape
 
 from parallel_render.bench import need_psutil
 from parallel_render.bench.capacity import _Fetcher
-from parallel_render.bench.stats import summary, table
+from parallel_render.bench.stats import ratio_interval, summary, table
 from parallel_render.process import die_with_parent
 
 HELP = "a real node under load: throughput and p50/p99, serial vs parallel interleaved, per concurrency level"
@@ -59,6 +59,9 @@ TARGET_P99 = 1.05
 # Slices long enough for each connection to finish this many requests keep the slow ones in the
 # percentiles; the bench lengthens a level's slices to that, up to --max-slice.
 MIN_ROUNDS = 4
+# And long enough for each mode to finish this many requests per level (--min-requests), up to
+# --max-slice: a p99 over fewer rests on its slowest two or three.
+MIN_REQUESTS = 600
 WRK_MARK = "PARALLEL_BENCH_LOAD "
 PID = re.compile(rb"pid \d+")
 WORKERS_WAIT = 45.0  # seconds from the node's start for its workers to render a block of the first page
@@ -490,6 +493,7 @@ class LoadBench:
         self, base: str, pages: list[Page], levels: list[int], duration: float, slices: int, warmup: float,
         slice_fn: Callable[[str, int, float, str], Slice], serial_header: str, log: Callable[[str], None] | None = None,
         max_slice: float = 20.0, whole_seconds: bool = False, settle: Callable[[Slice], float] | None = None,
+        min_requests: int = 0,
     ) -> None:
         self.base = base.rstrip("/")
         self.pages = pages
@@ -501,6 +505,7 @@ class LoadBench:
         self.serial_headers = {serial_header: "serial"}
         self.log = log or (lambda line: None)
         self.max_slice = max_slice
+        self.min_requests = min_requests
         self.whole_seconds = whole_seconds  # wrk takes whole seconds
         # Called after each slice: waits for the requests the slice left in flight (see settle_after).
         self.settle = settle or (lambda _slice: 0.0)
@@ -529,7 +534,8 @@ class LoadBench:
         return out
 
     def slice_seconds(self, concurrency: int, check: dict[str, Any], previous: dict[str, Any] | None) -> float:
-        """--duration / --slices, or longer: MIN_ROUNDS times the slowest mode's expected latency.
+        """--duration / --slices, or longer: MIN_ROUNDS times the slowest mode's expected latency,
+        and long enough for the slower mode to finish min_requests in its slices.
 
         The latency is expected from the idle GETs and, by Little's law, from the previous
         level's throughput (concurrency / requests per second, right once the node is saturated).
@@ -539,7 +545,13 @@ class LoadBench:
             for mode in MODES:
                 rps = previous[mode]["rps"]
                 expected = max(expected, concurrency / rps if rps > 0 else 2 * previous["slice_seconds"])
-        seconds = min(self.max_slice, max(self.duration / self.slices, MIN_ROUNDS * expected))
+        # Requests per second of the slower mode: no more than the previous level's (a node
+        # that is saturated serves no more with more connections), nor than Little's law allows.
+        rps = concurrency / expected if expected > 0 else 0.0
+        if previous is not None:
+            rps = min([rps] + [previous[mode]["rps"] for mode in MODES if previous[mode]["rps"] > 0])
+        enough = self.min_requests / (self.slices * rps) if rps > 0 else 0.0
+        seconds = min(self.max_slice, max(self.duration / self.slices, MIN_ROUNDS * expected, enough))
         return float(math.ceil(seconds - 1e-6)) if self.whole_seconds else seconds
 
     def level(self, page: Page, concurrency: int, n: int, previous: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -561,6 +573,8 @@ class LoadBench:
                 self.settled += self.settle(taken[mode][-1])
         serial, parallel = combine(taken["serial"]), combine(taken["parallel"])
         ratios, missed = judge(page, concurrency, serial, parallel)
+        ratios["p99_interval"] = list(ratio_interval([ms for s in taken["parallel"] for ms in s.latencies_ms],
+                                                     [ms for s in taken["serial"] for ms in s.latencies_ms]))
         if not check["ok"]:
             missed.append("check: " + "; ".join(check["problems"]))
         # Requests each connection finished in its slice: few means slow requests were cut off.
@@ -598,17 +612,19 @@ def format_result(result: dict[str, Any]) -> str:
         for lv in page["levels"]:
             s, p, r = lv["serial"], lv["parallel"], lv["ratios"]
             rows.append([lv["concurrency"], s["rps"], p["rps"], _x(r["throughput"]), s["p50"], p["p50"],
-                         _x(r["speedup_p50"]), s["p99"], p["p99"], _x(r["p99"]),
+                         _x(r["speedup_p50"]), s["p99"], p["p99"], _x(r["p99"]), _interval(r.get("p99_interval")),
                          f"{s['errors'] + s['non200']}/{p['errors'] + p['non200']}",
                          "MISS: " + "; ".join(lv["missed"]) if lv["missed"] else "ok"])
         out.append(table(["conc", "serial req/s", "parallel req/s", "par/ser req/s", "serial p50 ms", "parallel p50 ms",
-                          "speed-up p50", "serial p99 ms", "parallel p99 ms", "par/ser p99", "errors s/p", "targets"], rows))
+                          "speed-up p50", "serial p99 ms", "parallel p99 ms", "par/ser p99", "p99 90% interval", "errors s/p",
+                          "targets"], rows))
         met = sum(1 for lv in page["levels"] if not lv["missed"])
         out.append(f"targets met at {met} of {len(page['levels'])} levels")
         longer = [f"{lv['concurrency']} ({lv['slice_seconds']:.1f} s)" for lv in page["levels"]
                   if lv["slice_seconds"] > result["generator"]["slice_seconds"]]
         if longer:
-            out.append(f"slices lengthened at concurrency {', '.join(longer)}, for {MIN_ROUNDS} requests per connection each")
+            out.append(f"slices lengthened at concurrency {', '.join(longer)}, for {MIN_ROUNDS} requests per connection each"
+                       + (f" and {result['generator']['min_requests']} per mode" if result["generator"].get("min_requests") else ""))
         few = [str(lv["concurrency"]) for lv in page["levels"] if lv["rounds"] < MIN_ROUNDS / 2]
         if few:
             out.append(f"warning: at concurrency {', '.join(few)} a connection finished fewer than {MIN_ROUNDS // 2} "
@@ -625,6 +641,12 @@ def format_result(result: dict[str, Any]) -> str:
 
 def _x(ratio: float) -> str:
     return f"{ratio:.2f}x" if ratio == ratio else "n/a"
+
+
+def _interval(bounds: Sequence[float] | None) -> str:
+    if not bounds or bounds[0] != bounds[0]:
+        return "n/a"
+    return f"{bounds[0]:.2f}-{bounds[1]:.2f}x"
 
 
 PLOT_COLORS = {"serial": "#f58518", "parallel": "#4c78a8"}
@@ -729,6 +751,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--max-slice", type=float, default=20.0,
                         help=f"longest slice, in seconds, when slow requests make the bench lengthen a level's slices "
                              f"(for {MIN_ROUNDS} requests per connection; default 20)")
+    parser.add_argument("--min-requests", type=int, default=MIN_REQUESTS,
+                        help=f"lengthen a level's slices (up to --max-slice) until each mode is expected to finish this many "
+                             f"requests, for a p99 that rests on more than its slowest few (default {MIN_REQUESTS}; 0: off)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per page and level, both modes (default 1)")
     parser.add_argument("--connections", choices=("close", "keep-alive"), default="close",
                         help="a new connection per request (close, as from a proxy), or one kept alive per client")
@@ -745,6 +770,7 @@ def add_arguments(parser: Any) -> None:
 def _reproduce(options: dict[str, Any], generator: str, plot: str) -> str:
     parts = ["python manage.py parallel_bench load", f"--pages {options['pages']}", f"--levels {options['levels']}",
              f"--duration {options['duration']:g}", f"--slices {options['slices']}", f"--warmup {options['warmup']:g}", f"--max-slice {options['max_slice']:g}",
+             f"--min-requests {options['min_requests']}",
              f"--generator {generator}", f"--connections {options['connections']}"]
     if options["url"]:
         parts.append(f"--url {options['url']}")
@@ -768,8 +794,10 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     need_psutil("load")
-    if min(options["duration"], options["timeout"], options["max_slice"]) <= 0 or options["slices"] < 1 or options["warmup"] < 0:
-        raise CommandError("--duration, --timeout and --max-slice must be positive, --slices at least 1, --warmup not negative")
+    if (min(options["duration"], options["timeout"], options["max_slice"]) <= 0 or options["slices"] < 1
+            or options["warmup"] < 0 or options["min_requests"] < 0):
+        raise CommandError("--duration, --timeout and --max-slice must be positive, --slices at least 1, --warmup and "
+                           "--min-requests not negative")
     for name in ("masters", "workers", "threads"):
         if options[name] is not None and options[name] < 1:
             raise CommandError(f"--{name} must be at least 1")
@@ -829,7 +857,9 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
             if options["no_affinity"]:
                 args.append("--no-affinity")
             total = len(pages) * len(levels) * (2 * slice_seconds * options["slices"] + options["warmup"])
-            log(f"starting a node (runparallel {' '.join(args)}); the run takes {total / 60:.1f} min or more")
+            longest = len(pages) * len(levels) * (2 * options["max_slice"] * options["slices"] + options["warmup"])
+            log(f"starting a node (runparallel {' '.join(args)}); the run takes {total / 60:.1f} min or more"
+                + (f", up to {longest / 60:.0f} min where slow pages lengthen slices" if longest > total else ""))
             node = Node(args, workdir)
             base = node.url
             workers_by = time.monotonic() + WORKERS_WAIT
@@ -849,7 +879,8 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         max_slice = max(options["max_slice"], slice_seconds)
         settle = settle_after(node.cpu_seconds if node is not None else None, max_slice)
         bench = LoadBench(base, pages, levels, options["duration"], options["slices"], options["warmup"], slice_fn, header, log,
-                          max_slice=max_slice, whole_seconds=generator == "wrk", settle=settle)
+                          max_slice=max_slice, whole_seconds=generator == "wrk", settle=settle,
+                          min_requests=options["min_requests"])
         results = bench.run()
         node_info["settled_seconds"] = round(bench.settled, 1)
         if node is not None:
@@ -870,7 +901,8 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         "node": {**node_info, "orphans": orphans, "pids": sorted(node.seen) if node else []},
         "generator": {"name": generator, "description": gen_desc, "slices": options["slices"],
                       "connections": options["connections"],
-                      "slice_seconds": slice_seconds, "warmup": options["warmup"]},
+                      "slice_seconds": slice_seconds, "warmup": options["warmup"],
+                      "min_requests": options["min_requests"]},
         "debug": bool(settings.DEBUG), "levels": levels, "pages": results, "plot": plot,
         "reproduce": _reproduce(options, generator, plot),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 from collections.abc import Sequence
 
@@ -23,6 +24,32 @@ def summary(values: Sequence[float]) -> dict[str, float]:
         "p99": percentile(values, 99),
         "mean": statistics.fmean(values) if values else float("nan"),
     }
+
+
+def ratio_interval(
+    numerator: Sequence[float], denominator: Sequence[float], q: float = 99, confidence: float = 0.9,
+    resamples: int = 1000, seed: int = 1,
+) -> tuple[float, float]:
+    """A bootstrap interval for percentile(numerator, q) / percentile(denominator, q).
+
+    Each sample is redrawn with replacement `resamples` times; the interval holds the middle
+    `confidence` of the ratios. A p99 over a few hundred requests rests on its slowest few, so
+    two runs of the same code can differ by more than a target's margin: the interval says how
+    far apart the two modes' p99s would have to be to tell them apart. Requests of one slice
+    are not independent (a busy moment slows several), so the true interval is wider.
+    """
+    if not numerator or not denominator:
+        return float("nan"), float("nan")
+    draw = random.Random(seed)
+    ratios = []
+    for _ in range(resamples):
+        bottom = percentile(draw.choices(denominator, k=len(denominator)), q)
+        if bottom > 0:
+            ratios.append(percentile(draw.choices(numerator, k=len(numerator)), q) / bottom)
+    if not ratios:
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2 * 100
+    return percentile(ratios, tail), percentile(ratios, 100 - tail)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
