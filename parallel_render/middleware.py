@@ -221,7 +221,8 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
             html[f.index] = result["html"]
             if f.cache is not None:
                 fragment_cache.filled(f, result["html"], own=True, by_worker=True)
-            f.node.observe(result["ms"], result.get("cpu"), sent=True)
+            # A worker's first render of a block (cold) says nothing of what the next costs it.
+            f.node.observe(result["ms"], None if result.get("cold") else result.get("cpu"), sent=True)
             nested = f" +{result['nested']} nested" if result.get("nested") else ""
             timing[f.index] = (
                 f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'

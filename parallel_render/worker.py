@@ -91,6 +91,8 @@ class Worker:
         # Cached blocks rendered in the last job, stored once its result is sent (the page
         # need not wait for the cache): (the job's store instruction, HTML).
         self.to_store: list[tuple[Any, str]] = []
+        # The blocks (template, ordinal, source hash) this process has rendered: see _render_one.
+        self.rendered_blocks: set[tuple[Any, Any, Any]] = set()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -310,6 +312,14 @@ class Worker:
         # Of its time, on the CPU: what the master weighs against its own renders of the block
         # (policy.idle_needed).
         result["ms"], result["cpu"] = policy.measured(started)
+        block = (job.get("t"), job.get("o"), job.get("h")) if isinstance(job, dict) else None
+        if result["ok"] and block not in self.rendered_blocks:
+            # Its first render in this process also loaded its templates and opened what it
+            # reads: a cost the master's renders of it never pay again, so the master leaves
+            # its CPU time out of the comparison. (With 8 workers a block's first 8 renders
+            # can all be first ones; their median kept blocks out of workers for good.)
+            self.rendered_blocks.add(block)
+            result["cold"] = True
         return result
 
     def _render_traced(self, job: Any, deadline: float | None, token: str) -> dict[str, Any]:

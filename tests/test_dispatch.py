@@ -17,7 +17,7 @@ from parallel_render import conf, policy
 from parallel_render import protocol as p
 from parallel_render.client import RouterClient, RouterLoad, open_connection
 from parallel_render.cluster import LocalCluster
-from parallel_render.templatetags.parallel import parallel_nodes
+from parallel_render.templatetags.parallel import COST_SAMPLES, parallel_nodes
 from parallel_render.testing import parallel_workers, serially
 from tests.conftest import block_pids, rescued, run_concurrently, thread
 
@@ -483,3 +483,31 @@ def test_a_blocks_cost_forgets_a_cold_first_render_within_three_samples():
     for ms, expected in [(120.0, 120.0), (0.3, 60.15), (0.2, 0.3), (0.4, 0.35), (0.3, 0.3), (0.3, 0.3), (50.0, 0.3)]:
         node.observe(ms)
         assert node.cost_ms == pytest.approx(expected)
+
+
+@pytest.fixture
+def every_block_to_one_worker(settings, django_db_setup, django_db_blocker, transactional_db):
+    settings.PARALLEL_RENDER = {**settings.PARALLEL_RENDER, "ADAPTIVE": False, "MIN_BLOCK_MS": 0}
+    with parallel_workers(1) as cluster:  # a new worker: it has rendered nothing yet
+        yield cluster
+
+
+def test_a_workers_first_render_of_a_block_is_left_out_of_its_cpu_in_workers(every_block_to_one_worker):
+    # A worker's first render of a block also loads its templates: with 8 workers a block's
+    # first 8 renders can all be first ones, and their median, far above the master's, kept
+    # the block out of workers for good (idle_needed). Only the worker's later renders count.
+    from django.template.loader import get_template
+
+    (node,) = parallel_nodes(get_template("t/cpu_bound.html").template).values()
+    node._sent_samples.clear()
+    node.sent_cpu_ms = None
+    with serially():
+        serial = Client().get("/p/cpu_bound/?ms=5")
+    response = Client().get("/p/cpu_bound/?ms=5")
+    assert response.content == serial.content
+    assert block_pids(response) == [every_block_to_one_worker.worker_pids[0]] * 4
+    # Four renders in the worker, the first of them its first of this block: three samples.
+    assert len(node._sent_samples) == 3, node._sent_samples
+    assert node.sent_cpu_ms == pytest.approx(sorted(node._sent_samples)[1])
+    response = Client().get("/p/cpu_bound/?ms=5")  # the worker knows the block now: all four count
+    assert block_pids(response) and len(node._sent_samples) == min(7, COST_SAMPLES)
