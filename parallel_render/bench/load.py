@@ -228,11 +228,11 @@ def parse_wrk(output: str) -> dict[str, Any]:
 def wrk_result_slice(data: dict[str, Any], mode: str) -> Slice:
     errors = data["errors"]
     status_errors = errors["status"]  # wrk counts answers with a status above 399
-    latencies = [value / 1000 for value, count in data["latency_us"] for _ in range(count)]
+    ms = [value / 1000 for value, count in data["latency_us"] for _ in range(count)]
     return Slice(
         mode, data["duration_us"] / 1e6, ok=max(0, data["requests"] - status_errors), non200=status_errors,
         errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
-        latencies_ms=latencies,
+        latencies_ms=ms,
         first_error=", ".join(f"{k} {v}" for k, v in errors.items() if v),
     )
 
@@ -446,15 +446,19 @@ def check_page(base: str, page: Page, serial_headers: dict[str, str], attempts: 
 # -- the run ---------------------------------------------------------------------------------
 
 
+def latencies(slices: list[Slice]) -> list[float]:
+    """Every request's latency in these slices, in ms."""
+    return [ms for s in slices for ms in s.latencies_ms]
+
+
 def combine(slices: list[Slice]) -> dict[str, Any]:
     seconds = sum(s.seconds for s in slices)
     ok = sum(s.ok for s in slices)
-    latencies = [ms for s in slices for ms in s.latencies_ms]
     return {
         "requests": ok, "seconds": seconds, "rps": ok / seconds if seconds > 0 else 0.0,
         "non200": sum(s.non200 for s in slices), "errors": sum(s.errors for s in slices),
         "first_error": next((s.first_error for s in slices if s.first_error), ""),
-        **{k: v for k, v in summary(latencies).items() if k != "n"},
+        **{k: v for k, v in summary(latencies(slices)).items() if k != "n"},
         "slices": [{"seconds": s.seconds, "rps": s.ok / s.seconds if s.seconds > 0 else 0.0,
                     "p50": summary(s.latencies_ms)["p50"], "errors": s.errors + s.non200} for s in slices],
     }
@@ -573,8 +577,7 @@ class LoadBench:
                 self.settled += self.settle(taken[mode][-1])
         serial, parallel = combine(taken["serial"]), combine(taken["parallel"])
         ratios, missed = judge(page, concurrency, serial, parallel)
-        ratios["p99_interval"] = list(ratio_interval([ms for s in taken["parallel"] for ms in s.latencies_ms],
-                                                     [ms for s in taken["serial"] for ms in s.latencies_ms]))
+        ratios["p99_interval"] = list(ratio_interval(latencies(taken["parallel"]), latencies(taken["serial"])))
         if not check["ok"]:
             missed.append("check: " + "; ".join(check["problems"]))
         # Requests each connection finished in its slice: few means slow requests were cut off.
