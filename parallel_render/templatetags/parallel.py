@@ -86,7 +86,8 @@ class ParallelNode(Node):
         """One render's time and the CPU time it took, here or (sent) in a worker. Each is the
         median of the last few: a worker's first render of a block also loads its template and
         opens connections (often 100x the render), and an average would carry that one sample
-        for dozens of pages."""
+        for dozens of pages. (Its CPU time is not passed at all: middleware.gather leaves out
+        results marked cold, which with many workers can be all of a block's first few.)"""
         self.cost_ms = _median_of_last(self._samples, ms)
         if isinstance(cpu_ms, (int, float)):
             if sent:
