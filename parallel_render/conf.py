@@ -27,6 +27,10 @@ DEFAULTS: dict[str, Any] = {
     # like plain Django instead of queueing (docs/dispatch.md). False sends every block that
     # can be sent and waits for the workers: for test suites that check where blocks render.
     "ADAPTIVE": True,
+    # Threads of each master that render the blocks the dispatch policy keeps in it, when a
+    # block mostly waits (on a database, memcached, HTTP): their waits overlap instead of
+    # adding up (docs/dispatch.md). 0 renders every kept block in place, one after another.
+    "MASTER_THREADS": 4,
     # unix:///path or tcp://host:port; None lets runserver start its own router.
     "ROUTER": None,
     # A query parameter that makes a request render serially (e.g. "serial"); None disables.
@@ -106,6 +110,11 @@ def get_config() -> dict[str, Any]:
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ImproperlyConfigured(
             f"PARALLEL_RENDER['WORKERS'] must be a whole number >= 0 or None, not {workers!r}."
+        )
+    threads = config["MASTER_THREADS"]
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ImproperlyConfigured(
+            f"PARALLEL_RENDER['MASTER_THREADS'] must be a whole number >= 0, not {threads!r}."
         )
     sensitive = config["SENSITIVE_FIELDS"]
     if not isinstance(sensitive, (list, tuple)) or not all(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import orjson
@@ -98,6 +99,9 @@ class ParallelRenderMiddleware:
 def abandon(current: session.RenderSession) -> None:
     """The view raised after blocks went out: tell the router, so nothing waits for them."""
     current.drop_bundle()
+    for f in current.fragments[current.resolved:]:
+        if f.local is not None:
+            f.local.cancel()  # one a thread has started runs on; its result is dropped
     if current.unresolved():
         current.client.cancel(sorted({f.job_id for f in current.fragments[current.resolved:] if f.job_id}))
 
@@ -186,6 +190,9 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
         if f.job_id:
             jobs.setdefault(f.job_id, []).append(f)
     taken: set[int] = set()
+    for f in reversed(fragments):  # a block kept in a thread of this master that has not started
+        if f.local is not None and f.local.cancel():
+            html[f.index], timing[f.index] = _render_here(f, "taken back", NOT_RENDERED, current, measure=True)
     # Nested blocks never queue (FLAG_NO_QUEUE): nothing to take back.
     if not current.nested and conf.get_config()["ADAPTIVE"]:
         newest_first = sorted(jobs, reverse=True)  # a connection's job ids grow
@@ -210,7 +217,21 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
     waited = time.monotonic() - waited_from
     decoded: dict[int, dict | str] = {}
     for f in fragments:
-        if f.job_id in taken:
+        if f.job_id in taken or f.index in html:
+            continue
+        if f.local is not None:
+            result, why, kind = _local_result(f)
+            if result is None:
+                html[f.index], timing[f.index] = _render_here(f, why, kind, current)
+                continue
+            html[f.index] = result["html"]
+            f.node.observe(result["ms"], result["cpu"])
+            now = time.monotonic()
+            timing[f.index] = (f'pr-{f.index};dur={(now - f.submitted) * 1000:.1f};'
+                               f'desc="{f.node.label} master thread render {result["ms"]:.1f}ms"')
+            if signals.block_finished.receivers:
+                signals.send(f.node, "inline", f.unsent, current.request, index=f.index, render_ms=result["ms"],
+                             **_time_line(current, f, result["at"]), later=current.held)
             continue
         answer = answers.get(f.job_id)
         if not f.job_id:
@@ -337,14 +358,32 @@ def _result(
             return None, "bad result: the bundle's answer lacks this block", NOT_RENDERED
         result = {**part, "pid": result.get("pid")}
     if not result.get("ok"):  # no HTML to stitch (a worker's refusal carries no nonce)
-        kind = NOT_RENDERED if result.get("master_only") else FAILED
-        if result.get("effect"):
-            # It changes the request (session, messages): only the master's request keeps that.
-            f.node.learned_reason = str(result.get("error", "it changes the request"))
-        return None, f"worker error: {result.get('error', '?')}", kind
+        return _failed(f, result, "worker error")
     if result.get("n") != f.nonce:
         # Never stitch a fragment into a page it was not rendered for.
         logger.error("result for %s carried the wrong nonce; discarded", f.node.label)
         return None, "result belongs to another request", NOT_RENDERED
     return result, "", ""
 
+
+
+def _failed(f: session.Pending, result: dict, where: str) -> tuple[None, str, str]:
+    """What a result that is not ok (a failed or refused block) says of f."""
+    kind = NOT_RENDERED if result.get("master_only") else FAILED
+    if result.get("effect"):
+        # It changes the request (session, messages): only the master's request keeps that.
+        f.node.learned_reason = str(result.get("error", "it changes the request"))
+    return None, f"{where}: {result.get('error', '?')}", kind
+
+
+def _local_result(f: session.Pending) -> tuple[dict | None, str, str]:
+    """What became of f in a thread of this master (parallel_render.threads), by its deadline."""
+    try:
+        result = f.local.result(timeout=max(0.0, f.deadline - time.monotonic()))
+    except FutureTimeout:
+        return None, "timed out", TIMED_OUT
+    except Exception as exc:  # the thread could not even report a failure
+        return None, f"master thread error: {type(exc).__name__}: {exc}", FAILED
+    if not result.get("ok"):
+        return _failed(f, result, "master thread error")
+    return result, "", ""

@@ -44,6 +44,9 @@ class Pending:
     # On a streamed page: a block the dispatch policy kept in the master, rendered there after
     # the first byte (parallel_render.streaming.defer) instead of before it.
     deferred: bool = False
+    # A block kept in the master and rendered by one of its block threads (parallel_render.
+    # threads): the future of its result; its job_id stays 0.
+    local: Any = None
 
 
 @dataclass

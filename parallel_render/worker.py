@@ -327,16 +327,21 @@ class Worker:
 
     def _failure(self, exc: Exception) -> dict[str, Any]:
         logger.info("worker %d: block failed: %s: %s", self.pid, type(exc).__name__, exc)
-        result: dict[str, Any] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        if isinstance(exc, (fragments.SkewError, codec.RemoteAttributeError)):
-            # Not the block's fault: it needs the master (other code, or something that
-            # was not sent), so the master renders it rather than show its fallback.
-            result["master_only"] = True
-            if isinstance(exc, codec.SideEffect):
-                result["effect"] = True  # the master keeps this block from now on
-        if settings.DEBUG:
-            result["traceback"] = traceback.format_exc()
-        return result
+        return failure(exc)
+
+
+def failure(exc: Exception) -> dict[str, Any]:
+    """The result of a block whose render raised exc (in a worker, or a master's block thread)."""
+    result: dict[str, Any] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    if isinstance(exc, (fragments.SkewError, codec.RemoteAttributeError)):
+        # Not the block's fault: it needs the master (other code, or something that
+        # was not sent), so the master renders it rather than show its fallback.
+        result["master_only"] = True
+        if isinstance(exc, codec.SideEffect):
+            result["effect"] = True  # the master keeps this block from now on
+    if settings.DEBUG:
+        result["traceback"] = traceback.format_exc()
+    return result
 
 
 def render_job(

@@ -3,6 +3,7 @@ master taking back the blocks no worker has started (with a real router)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import socket
@@ -19,7 +20,7 @@ from parallel_render.client import RouterClient, RouterLoad, open_connection
 from parallel_render.cluster import LocalCluster
 from parallel_render.templatetags.parallel import COST_SAMPLES, parallel_nodes
 from parallel_render.testing import parallel_workers, serially
-from tests.conftest import block_pids, rescued, run_concurrently, thread
+from tests.conftest import block_pids, blocks_of, rescued, run_concurrently, thread
 
 
 @pytest.fixture(autouse=True)
@@ -355,7 +356,8 @@ def unix_workers(adaptive, django_db_setup, django_db_blocker, transactional_db)
         yield cluster
 
 
-def test_a_block_that_would_only_wait_renders_in_place_without_being_sent(unix_workers):
+def test_a_block_that_would_only_wait_renders_in_place_without_being_sent(unix_workers, settings):
+    settings.PARALLEL_RENDER = {**settings.PARALLEL_RENDER, "MASTER_THREADS": 0}
     client = Client()
     router = RouterClient(unix_workers.address)
     client.get("/p/slow/?sleep=0.4")  # the workers' jobs take 0.4 s: the router's service average
@@ -376,6 +378,59 @@ def test_a_block_that_would_only_wait_renders_in_place_without_being_sent(unix_w
     # they take: the master rendered all four in place and sent none.
     assert after["submitted"] == before["submitted"]
     assert not block_pids(response) and not rescued(response)
+
+
+def test_blocks_that_wait_and_stay_in_the_master_wait_together_in_its_threads(unix_workers, blocks):
+    client = Client()
+    router = RouterClient(unix_workers.address)
+    client.get("/p/slow/?sleep=0.4")
+    for _ in range(2):  # each block costs 100 ms, nearly all of it asleep: it waits
+        client.get("/p/takeback/?sleep=0.1")
+    with serially():
+        serial = client.get("/p/takeback/?sleep=0.1")
+    busy = thread(lambda: Client().get("/p/slow/?sleep=1.5"))
+    busy.start()
+    try:
+        wait_for(lambda: router.load().idle == 0)
+        before = router.stats()
+        response = client.get("/p/takeback/?sleep=0.1")
+        after = router.stats()
+    finally:
+        busy.join(30)
+        router.close()
+    assert response.content == serial.content
+    assert after["submitted"] == before["submitted"]  # none went to the router
+    records = blocks_of(response)
+    assert len(records) == 4 and not block_pids(response)
+    # Rendered by the master's block threads (or, not started yet when the page was done,
+    # taken back by the page's own thread), from their jobs, as a worker renders them.
+    in_threads = [r for r in records if r.outcome == "inline"]
+    assert in_threads and all(r.reason == "no idle worker: rendered in a thread of the master" for r in in_threads)
+    assert all(r.outcome == "inline" or r.reason == "taken back" for r in records)
+    # Their sleeps overlapped: the page did not wait for them one after another.
+    spans = sorted((r.render_start_ms, r.render_start_ms + r.render_ms) for r in records)
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
+    assert "master thread render" in response.headers["Server-Timing"]
+
+
+def test_a_block_goes_to_a_master_thread_only_when_it_mostly_waits():
+    from parallel_render.templatetags.parallel import ParallelNode
+
+    node = ParallelNode.__new__(ParallelNode)
+    node.cost_ms = node.here_cpu_ms = node.sent_cpu_ms = node.wait_ms = None
+    node._samples, node._here_samples, node._sent_samples, node._wait_samples = [], [], [], []
+    assert not node.waits()  # not measured
+    node.observe(12.0, 11.0)  # a render of 12 ms, 11 of them on the CPU
+    assert not node.waits()
+    for _ in range(COST_SAMPLES - 2):  # waiting for a CPU makes renders look like waits...
+        node.observe(40.0, 11.0)
+    assert not node.waits()  # ...but the least wait of the last few is what it waits on I/O
+    for _ in range(COST_SAMPLES):
+        node.observe(14.0, 3.0)  # 3 ms of CPU, 11 asleep
+    assert node.waits() and node.wait_ms == pytest.approx(11.0)
+    node._samples[:] = [0.5] * COST_SAMPLES
+    node.observe(0.5, 0.1)
+    assert not node.waits()  # too cheap for a thread: its job would cost more than it saves
 
 
 def test_with_the_cpus_busy_blocks_render_in_place(unix_workers, cpu):

@@ -46,6 +46,7 @@ def test_serial_query_param_and_disabled_setting(parallel, settings):
     [
         ({"TIMEOUT": 0}, "TIMEOUT'] must be a positive number"),
         ({"WORKERS": -1}, "WORKERS'] must be a whole number"),
+        ({"MASTER_THREADS": 2.5}, "MASTER_THREADS'] must be a whole number >= 0, not 2.5"),
         ({"ROUTER": "redis://x"}, "must start with unix:// or tcp://"),
         ({"TIMEOUTS": 1}, "unknown keys \\['TIMEOUTS'\\]"),
         ([], "must be a dict"),

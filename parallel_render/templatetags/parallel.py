@@ -15,7 +15,7 @@ from django.conf import settings
 from django.template import Context, Node, NodeList, TemplateSyntaxError
 from django.template.base import FilterExpression, Variable, token_kwargs
 
-from parallel_render import analysis, codec, conf, policy, sealing, session, signals, streaming, tracing
+from parallel_render import analysis, codec, conf, policy, sealing, session, signals, streaming, threads, tracing
 from parallel_render import cache as fragment_cache
 from parallel_render.client import RouterUnavailable
 from parallel_render.fragments import capture_env, engine_alias, render_captured
@@ -81,6 +81,11 @@ class ParallelNode(Node):
         self._here_samples: list[float] = []
         self.sent_cpu_ms: float | None = None
         self._sent_samples: list[float] = []
+        # The least time a recent render spent off the CPU (its time less its CPU time, of
+        # the last few): waiting for a CPU or the interpreter lock only adds to a render's
+        # wait, so the least of several is what it waits on I/O. None until measured.
+        self.wait_ms: float | None = None
+        self._wait_samples: list[float] = []
 
     def observe(self, ms: float, cpu_ms: float | None = None, sent: bool = False) -> None:
         """One render's time and the CPU time it took, here or (sent) in a worker. Each is the
@@ -90,10 +95,20 @@ class ParallelNode(Node):
         results marked cold, which with many workers can be all of a block's first few.)"""
         self.cost_ms = _median_of_last(self._samples, ms)
         if isinstance(cpu_ms, (int, float)):
+            self._wait_samples.append(max(0.0, ms - cpu_ms))
+            del self._wait_samples[:-COST_SAMPLES]
+            self.wait_ms = min(self._wait_samples)
             if sent:
                 self.sent_cpu_ms = _median_of_last(self._sent_samples, float(cpu_ms))
             else:
                 self.here_cpu_ms = _median_of_last(self._here_samples, float(cpu_ms))
+
+    def waits(self) -> bool:
+        """Whether the block spends more of a render waiting (on I/O) than on a CPU, and
+        costs enough to be worth a block thread (threads.py) when the master keeps it."""
+        cpu = self.here_cpu_ms if self.here_cpu_ms is not None else self.sent_cpu_ms
+        return (self.wait_ms is not None and cpu is not None and self.cost_ms is not None
+                and self.cost_ms >= policy.BATCH_MS and self.wait_ms >= cpu)
 
     def cpu_busy(self) -> bool:
         """Whether the CPUs are too busy for this block to be sent (policy.idle_needed)."""
@@ -132,7 +147,15 @@ class ParallelNode(Node):
                 deferred = streaming.defer(self, current, context, why, sys._getframe(1), began)
                 if deferred is not None:
                     return deferred
-            return self._render_measured(current, context, why)
+            # A block that mostly waits goes to a thread of this master, if one is free: the
+            # page goes on meanwhile, and the waits of its blocks overlap.
+            pool = (None if current.nested or current.streaming or not self.waits()
+                    else threads.block_threads(config["MASTER_THREADS"]))
+            if pool is None or pool.busy() >= pool.size:
+                return self._render_measured(current, context, why)
+            kept = why
+        else:
+            pool = kept = None
         reason = self.reason_inline(context, sys._getframe(1))
         if reason is not None:
             return self._inline_because(current, context, reason)
@@ -163,6 +186,13 @@ class ParallelNode(Node):
         pending = session.Pending(
             index, 0, self, values, env, context.template, nonce, now, now + timeout, current.nested, began=began
         )
+        if pool is not None:
+            pending.local = pool.submit(body)
+            if pending.local is None:  # another page's block took the last thread meanwhile
+                return self._render_measured(current, context, kept)
+            pending.unsent = f"{kept}: rendered in a thread of the master"
+            current.fragments.append(pending)
+            return current.placeholder(index)
         if not current.nested and self.cost_ms is not None and self.cost_ms < policy.BATCH_MS:
             # Too cheap to be worth a job of its own: it travels with the page's other cheap
             # blocks, in one job, once they add up to a job's worth of work.
