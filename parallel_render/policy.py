@@ -126,6 +126,14 @@ def idle_needed(here_cpu_ms: float | None, sent_cpu_ms: float | None) -> float:
     return min(IDLE_MOST, IDLE_SHARE + IDLE_PER_EXTRA * extra)
 
 
+# A block the master keeps goes to one of its block threads (parallel_render.threads) only
+# while at least this share of the CPUs' time is idle: overlapping a page's waits helps only
+# where a CPU is free to run what the overlap frees. On busy CPUs it only gives the pages
+# whose blocks found a thread a larger share of their master than the others, whose tail
+# then grows (docs/dispatch.md).
+THREAD_IDLE_SHARE = 0.05
+
+
 def should_send(
     load: RouterLoad | None, cost_ms: float | None, nested: bool = False, here_cpu_ms: float | None = None,
     sent_cpu_ms: float | None = None,

@@ -413,6 +413,22 @@ def test_blocks_that_wait_and_stay_in_the_master_wait_together_in_its_threads(un
     assert "master thread render" in response.headers["Server-Timing"]
 
 
+def test_with_every_cpu_busy_blocks_that_wait_render_in_place_not_in_threads(unix_workers, cpu):
+    client = Client()
+    for _ in range(3):  # measured: each sleeps 50 ms, so it waits
+        client.get("/p/takeback/?sleep=0.05")
+    with serially():
+        serial = client.get("/p/takeback/?sleep=0.05")
+    cpu.left_idle(policy.THREAD_IDLE_SHARE / 2)
+    response = client.get("/p/takeback/?sleep=0.05")
+    assert response.content == serial.content
+    records = blocks_of(response)
+    # A thread would only take CPU time from the other pages of this master: all four stayed
+    # with the page's own thread, in place.
+    assert [r.outcome for r in records] == ["inline"] * 4
+    assert all(r.reason == "every CPU busy" for r in records)
+
+
 def test_a_block_goes_to_a_master_thread_only_when_it_mostly_waits():
     from parallel_render.templatetags.parallel import ParallelNode
 

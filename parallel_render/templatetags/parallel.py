@@ -150,6 +150,7 @@ class ParallelNode(Node):
             # A block that mostly waits goes to a thread of this master, if one is free: the
             # page goes on meanwhile, and the waits of its blocks overlap.
             pool = (None if current.nested or current.streaming or not self.waits()
+                    or not policy.cpu_room.has_room(policy.THREAD_IDLE_SHARE)
                     else threads.block_threads(config["MASTER_THREADS"]))
             if pool is None or pool.busy() >= pool.size:
                 return self._render_measured(current, context, why)
