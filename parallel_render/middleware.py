@@ -243,7 +243,9 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
             if f.cache is not None:
                 fragment_cache.filled(f, result["html"], own=True, by_worker=True)
             # A worker's first render of a block (cold) says nothing of what the next costs it.
-            f.node.observe(result["ms"], None if result.get("cold") else result.get("cpu"), sent=True)
+            cold = result.get("cold")
+            f.node.observe(result["ms"], None if cold else result.get("cpu"), sent=True,
+                           io_ms=None if cold else result.get("io"))
             nested = f" +{result['nested']} nested" if result.get("nested") else ""
             timing[f.index] = (
                 f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'
@@ -364,7 +366,6 @@ def _result(
         logger.error("result for %s carried the wrong nonce; discarded", f.node.label)
         return None, "result belongs to another request", NOT_RENDERED
     return result, "", ""
-
 
 
 def _failed(f: session.Pending, result: dict, where: str) -> tuple[None, str, str]:

@@ -7,8 +7,9 @@ A block sent to a router with no idle worker only waits in its queue while the m
 could render it, goes on and then waits for it: under load that makes pages slower than
 plain Django. So a master asks the router's status page (shared memory, no syscall) before
 each block, and when it reaches the point of waiting it takes back, newest first, every one
-of its blocks that no worker has started (middleware.gather). The reasoning and the
-measurements behind the numbers are in docs/dispatch.md.
+of its blocks that no worker has started (middleware.gather). A block it keeps that mostly
+waits may go to one of its block threads (parallel_render.threads, THREAD_IDLE_SHARE). The
+reasoning and the measurements behind the numbers are in docs/dispatch.md.
 """
 
 from __future__ import annotations
@@ -104,6 +105,33 @@ def measured(started: tuple[float, float]) -> tuple[float, float]:
 
 def start_measuring() -> tuple[float, float]:
     return time.perf_counter(), time.thread_time()
+
+
+class RunQueueClock:
+    """How long the thread that first reads it has waited for a CPU (runnable, not running),
+    in ms: the second field of /proc/thread-self/schedstat, read with a pread on a descriptor
+    kept open. None where it cannot be read.
+
+    A worker renders one block at a time on one thread, so a render's time less its CPU time
+    and this wait is the time it slept: on a database, memcached, HTTP (a master's thread
+    also waits for the interpreter lock its other threads hold, which no counter shows).
+    """
+
+    def __init__(self, path: str = "/proc/thread-self/schedstat") -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._broken = False
+
+    def read(self) -> float | None:
+        if self._broken:
+            return None
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            return int(os.pread(self._fd, 128, 0).split()[1]) / 1e6
+        except (OSError, IndexError, ValueError):
+            self._broken = True
+            return None
 
 
 # A block is sent only while at least IDLE_SHARE of the CPUs' time is idle, and more the more

@@ -93,6 +93,8 @@ class Worker:
         self.to_store: list[tuple[Any, str]] = []
         # The blocks (template, ordinal, source hash) this process has rendered: see _render_one.
         self.rendered_blocks: set[tuple[Any, Any, Any]] = set()
+        # Its wait for a CPU, to tell what a render spent asleep (its "io"): see _render_one.
+        self.run_queue = policy.RunQueueClock()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -299,6 +301,7 @@ class Worker:
         return sealing.sealer(self.binding)
 
     def _render_one(self, job: Any, deadline: float | None, token: str) -> dict[str, Any]:
+        queued = self.run_queue.read()
         started = policy.start_measuring()
         nonce = job.get("n") if isinstance(job, dict) else None
         try:
@@ -312,6 +315,10 @@ class Worker:
         # Of its time, on the CPU: what the master weighs against its own renders of the block
         # (policy.idle_needed).
         result["ms"], result["cpu"] = policy.measured(started)
+        if queued is not None and (now_queued := self.run_queue.read()) is not None:
+            # Neither on a CPU nor waiting for one: asleep on I/O. The master sends a block
+            # that mostly sleeps to its block threads when it keeps it (ParallelNode.waits).
+            result["io"] = max(0.0, result["ms"] - result["cpu"] - (now_queued - queued))
         block = (job.get("t"), job.get("o"), job.get("h")) if isinstance(job, dict) else None
         if result["ok"] and block not in self.rendered_blocks:
             # Its first render in this process also loaded its templates and opened what it

@@ -429,24 +429,42 @@ def test_with_every_cpu_busy_blocks_that_wait_render_in_place_not_in_threads(uni
     assert all(r.reason == "every CPU busy" for r in records)
 
 
-def test_a_block_goes_to_a_master_thread_only_when_it_mostly_waits():
+def test_a_block_goes_to_a_master_thread_only_when_it_sleeps_at_least_as_long_as_it_computes():
     from parallel_render.templatetags.parallel import ParallelNode
 
     node = ParallelNode.__new__(ParallelNode)
-    node.cost_ms = node.here_cpu_ms = node.sent_cpu_ms = node.wait_ms = None
-    node._samples, node._here_samples, node._sent_samples, node._wait_samples = [], [], [], []
+    node.cost_ms = node.here_cpu_ms = node.sent_cpu_ms = node.io_ms = None
+    node._samples, node._here_samples, node._sent_samples, node._io_samples = [], [], [], []
     assert not node.waits()  # not measured
-    node.observe(12.0, 11.0)  # a render of 12 ms, 11 of them on the CPU
-    assert not node.waits()
-    for _ in range(COST_SAMPLES - 2):  # waiting for a CPU makes renders look like waits...
-        node.observe(40.0, 11.0)
-    assert not node.waits()  # ...but the least wait of the last few is what it waits on I/O
     for _ in range(COST_SAMPLES):
-        node.observe(14.0, 3.0)  # 3 ms of CPU, 11 asleep
-    assert node.waits() and node.wait_ms == pytest.approx(11.0)
+        # A master's renders of a block that computes, slowed by its other threads: they
+        # say nothing of what it sleeps (that lock's wait looks the same).
+        node.observe(40.0, 11.0)
+    assert not node.waits()
+    for _ in range(COST_SAMPLES):  # a worker measured it: 11 ms of CPU, 29 waiting for one
+        node.observe(40.0, 11.0, sent=True, io_ms=0.0)
+    assert not node.waits()
+    for _ in range(COST_SAMPLES):  # a block that sleeps 11 ms and computes 3
+        node.observe(14.0, 3.0)
+        node.observe(14.5, 3.5, sent=True, io_ms=11.0)
+    assert node.waits() and node.io_ms == pytest.approx(11.0)
     node._samples[:] = [0.5] * COST_SAMPLES
     node.observe(0.5, 0.1)
     assert not node.waits()  # too cheap for a thread: its job would cost more than it saves
+
+
+def test_a_worker_tells_the_time_a_block_slept_from_its_wait_for_a_cpu(parallel):
+    """A real worker's result: a block that sleeps reports the sleep, one that computes none."""
+    from django.template.loader import get_template
+
+    client = Client()
+    for _ in range(3):
+        client.get("/p/takeback/?sleep=0.03")
+        client.get("/p/cpu_bound/?ms=15")
+    (sleeps,) = parallel_nodes(get_template("t/takeback.html").template).values()
+    (computes,) = parallel_nodes(get_template("t/cpu_bound.html").template).values()
+    assert sleeps.io_ms >= 25.0 and sleeps.waits()
+    assert computes.io_ms < 5.0 and not computes.waits()
 
 
 def test_with_the_cpus_busy_blocks_render_in_place(unix_workers, cpu):

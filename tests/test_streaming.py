@@ -413,7 +413,8 @@ def test_blocks_the_dispatch_policy_keeps_in_the_master_render_after_the_first_b
     # No worker would start a block soon: each renders in the master (ADAPTIVE dispatch).
     monkeypatch.setattr(policy, "should_send", lambda *args: False)
     path = "/st/stream/?marker=p&n=2"
-    with override_settings(PARALLEL_RENDER={**settings.PARALLEL_RENDER, "ADAPTIVE": True}):
+    # (Without block threads, which would take the buffered page's blocks that sleep.)
+    with override_settings(PARALLEL_RENDER={**settings.PARALLEL_RENDER, "ADAPTIVE": True, "MASTER_THREADS": 0}):
         streamed = Client().get(path)
         chunks = iter(streamed.streaming_content)
         first = next(chunks)

@@ -81,34 +81,35 @@ class ParallelNode(Node):
         self._here_samples: list[float] = []
         self.sent_cpu_ms: float | None = None
         self._sent_samples: list[float] = []
-        # The least time a recent render spent off the CPU (its time less its CPU time, of
-        # the last few): waiting for a CPU or the interpreter lock only adds to a render's
-        # wait, so the least of several is what it waits on I/O. None until measured.
-        self.wait_ms: float | None = None
-        self._wait_samples: list[float] = []
+        # Of a render in a worker, the time it slept (on I/O: neither on a CPU nor waiting
+        # for one, as the worker measures it): the median of the last few. None until
+        # measured. (A master's renders cannot tell sleeping from waiting for the
+        # interpreter lock its other threads hold.)
+        self.io_ms: float | None = None
+        self._io_samples: list[float] = []
 
-    def observe(self, ms: float, cpu_ms: float | None = None, sent: bool = False) -> None:
+    def observe(self, ms: float, cpu_ms: float | None = None, sent: bool = False, io_ms: float | None = None) -> None:
         """One render's time and the CPU time it took, here or (sent) in a worker. Each is the
         median of the last few: a worker's first render of a block also loads its template and
         opens connections (often 100x the render), and an average would carry that one sample
         for dozens of pages. (Its CPU time is not passed at all: middleware.gather leaves out
         results marked cold, which with many workers can be all of a block's first few.)"""
         self.cost_ms = _median_of_last(self._samples, ms)
+        if isinstance(io_ms, (int, float)):
+            self.io_ms = _median_of_last(self._io_samples, float(io_ms))
         if isinstance(cpu_ms, (int, float)):
-            self._wait_samples.append(max(0.0, ms - cpu_ms))
-            del self._wait_samples[:-COST_SAMPLES]
-            self.wait_ms = min(self._wait_samples)
             if sent:
                 self.sent_cpu_ms = _median_of_last(self._sent_samples, float(cpu_ms))
             else:
                 self.here_cpu_ms = _median_of_last(self._here_samples, float(cpu_ms))
 
     def waits(self) -> bool:
-        """Whether the block spends more of a render waiting (on I/O) than on a CPU, and
-        costs enough to be worth a block thread (threads.py) when the master keeps it."""
+        """Whether the block sleeps (on I/O) at least as long as it computes, as its renders in
+        workers measured it, and costs enough to be worth a block thread (threads.py) when
+        the master keeps it."""
         cpu = self.here_cpu_ms if self.here_cpu_ms is not None else self.sent_cpu_ms
-        return (self.wait_ms is not None and cpu is not None and self.cost_ms is not None
-                and self.cost_ms >= policy.BATCH_MS and self.wait_ms >= cpu)
+        return (self.io_ms is not None and cpu is not None and self.cost_ms is not None
+                and self.cost_ms >= policy.BATCH_MS and self.io_ms >= cpu)
 
     def cpu_busy(self) -> bool:
         """Whether the CPUs are too busy for this block to be sent (policy.idle_needed)."""
