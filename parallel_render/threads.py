@@ -65,7 +65,15 @@ class BlockThreads:
         future: Future = Future()
         self._queue.put((future, body))
         if start:
-            threading.Thread(target=self._run, name="parallel-render-block", daemon=True).start()
+            try:
+                threading.Thread(target=self._run, name="parallel-render-block", daemon=True).start()
+            except RuntimeError:  # no thread to be had: the block renders in place
+                logger.warning("a block thread could not be started; blocks render in place meanwhile")
+                with self._lock:
+                    self._threads -= 1
+                # Still queued: a thread, if one comes, skips it (and counts it done then).
+                if future.cancel():
+                    return None
         return future
 
     def busy(self) -> int:

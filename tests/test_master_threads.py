@@ -103,3 +103,13 @@ def test_a_thread_closes_its_connections_after_a_run_of_blocks_and_after_a_failu
         time.sleep(0.001)
     assert len(renderers) == 1 and len(closed()) == 2
     assert closed()[1] >= done  # a failed block's connection is closed at once, not after a pause
+
+
+def test_a_thread_that_cannot_be_started_leaves_the_block_to_the_page(rendered, monkeypatch):
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    pool = threads.BlockThreads(2)
+    assert pool.submit(b"one") is None  # the caller renders it in place
+    assert not rendered
