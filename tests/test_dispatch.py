@@ -356,6 +356,21 @@ def unix_workers(adaptive, django_db_setup, django_db_blocker, transactional_db)
         yield cluster
 
 
+def while_every_worker_is_busy(client: Client, router: RouterClient, path: str, busy_for: float):
+    """The page at path, fetched while another request keeps every worker busy for busy_for
+    seconds, and how many jobs the router was sent meanwhile."""
+    busy = thread(lambda: Client().get(f"/p/slow/?sleep={busy_for}"))
+    busy.start()
+    try:
+        wait_for(lambda: router.load().idle == 0)
+        before = router.stats()
+        response = client.get(path)
+        after = router.stats()
+    finally:
+        busy.join(30)
+    return response, after["submitted"] - before["submitted"]
+
+
 def test_a_block_that_would_only_wait_renders_in_place_without_being_sent(unix_workers, settings):
     settings.PARALLEL_RENDER = {**settings.PARALLEL_RENDER, "MASTER_THREADS": 0}
     client = Client()
@@ -364,19 +379,11 @@ def test_a_block_that_would_only_wait_renders_in_place_without_being_sent(unix_w
     client.get("/p/takeback/?sleep=0.02")  # these blocks cost 20 ms: their own average
     with serially():
         serial = client.get("/p/takeback/?sleep=0.02")
-    busy = thread(lambda: Client().get("/p/slow/?sleep=1"))
-    busy.start()
-    try:
-        wait_for(lambda: router.load().idle == 0)
-        before = router.stats()
-        response = client.get("/p/takeback/?sleep=0.02")
-        after = router.stats()
-    finally:
-        busy.join(30)
+    response, sent = while_every_worker_is_busy(client, router, "/p/takeback/?sleep=0.02", busy_for=1)
     assert response.content == serial.content
     # A worker would start these after ~(0 + 1) x 400 ms / 2 workers, far longer than the 20 ms
     # they take: the master rendered all four in place and sent none.
-    assert after["submitted"] == before["submitted"]
+    assert sent == 0
     assert not block_pids(response) and not rescued(response)
 
 
@@ -388,18 +395,12 @@ def test_blocks_that_wait_and_stay_in_the_master_wait_together_in_its_threads(un
         client.get("/p/takeback/?sleep=0.1")
     with serially():
         serial = client.get("/p/takeback/?sleep=0.1")
-    busy = thread(lambda: Client().get("/p/slow/?sleep=1.5"))
-    busy.start()
     try:
-        wait_for(lambda: router.load().idle == 0)
-        before = router.stats()
-        response = client.get("/p/takeback/?sleep=0.1")
-        after = router.stats()
+        response, sent = while_every_worker_is_busy(client, router, "/p/takeback/?sleep=0.1", busy_for=1.5)
     finally:
-        busy.join(30)
         router.close()
     assert response.content == serial.content
-    assert after["submitted"] == before["submitted"]  # none went to the router
+    assert sent == 0  # none went to the router
     records = blocks_of(response)
     assert len(records) == 4 and not block_pids(response)
     # Rendered by the master's block threads (or, not started yet when the page was done,
