@@ -111,7 +111,9 @@ def render_captured(
     override=False: the caller has made env's language and time zone the active ones
     already (activate_env), as a worker does for each job.
     """
-    context = Context(autoescape=env["ae"], use_l10n=env["l10n"], use_tz=env["use_tz"])
+    # values is the block's own dict (decoded for it, or captured for it): the context's
+    # innermost dict as it is, rather than a copy pushed onto an empty context.
+    context = Context(values, autoescape=env["ae"], use_l10n=env["l10n"], use_tz=env["use_tz"])
     if env["has_req"]:
         request = values.get("request")
         if request is None or not hasattr(request, "path"):
@@ -125,7 +127,6 @@ def render_captured(
     context.render_context.template = template
     context.render_context.push()
     context.template = template
-    context.push(values)
     if not override:
         return nodelist.render(context)
     with translation.override(env["lang"]), timezone.override(timezone_from_key(env["tz"])):

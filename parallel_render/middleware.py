@@ -161,8 +161,7 @@ def stitch_text(current: session.RenderSession, text: str) -> str:
     nested in the one it rendered, or any render through the template backend)."""
     resolve(current)
     if "<!--pr:" in text:
-        html = current.html
-        text = current.text_pattern().sub(lambda m: html.get(int(m.group(1)), m.group(0)), text)
+        text = current.replace_placeholders(text, current.html)
     report_stitched(current)
     return text
 
@@ -173,8 +172,11 @@ def report_stitched(current: session.RenderSession) -> None:
         signals.send_stitched(current.held, (time.monotonic() - current.started) * 1000)
 
 
-def gather(current: session.RenderSession, fragments: list[session.Pending]) -> tuple[dict[int, str], list[str]]:
-    """Every fragment's HTML (from its worker, or rendered here) and a Server-Timing entry each.
+def gather(
+    current: session.RenderSession, fragments: list[session.Pending], timed: bool | None = None
+) -> tuple[dict[int, str], list[str]]:
+    """Every fragment's HTML (from its worker, or rendered here) and a Server-Timing entry each
+    (none unless timed; by default, when the header is on: server_timing_enabled()).
 
     Before waiting, the master takes back its blocks that no worker has started, newest
     first, and renders them itself while the workers finish theirs: it never waits on a
@@ -182,6 +184,8 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
     newest block still out is with a worker, every older one is too.
     """
     client = current.client
+    if timed is None:
+        timed = server_timing_enabled()
     deadline = max(f.deadline for f in fragments) + GRACE
     html: dict[int, str] = {}
     timing: dict[int, str] = {}
@@ -192,7 +196,7 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
     taken: set[int] = set()
     for f in reversed(fragments):  # a block kept in a thread of this master that has not started
         if f.local is not None and f.local.cancel():
-            html[f.index], timing[f.index] = _render_here(f, "taken back", NOT_RENDERED, current, measure=True)
+            html[f.index], timing[f.index] = _render_here(f, "taken back", NOT_RENDERED, current, True, timed)
     # Nested blocks never queue (FLAG_NO_QUEUE): nothing to take back.
     if not current.nested and conf.get_config()["ADAPTIVE"]:
         newest_first = sorted(jobs, reverse=True)  # a connection's job ids grow
@@ -207,8 +211,7 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
                     continue
                 taken.add(job_id)
                 for f in jobs[job_id]:
-                    html[f.index], timing[f.index] = _render_here(
-                        f, "taken back", NOT_RENDERED, current, measure=True)
+                    html[f.index], timing[f.index] = _render_here(f, "taken back", NOT_RENDERED, current, True, timed)
             if any(outcome[job_id] is False for job_id in asked):
                 break  # that one is with a worker, so is every older one
             batch *= 2
@@ -222,13 +225,13 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
         if f.local is not None:
             result, why, kind = _local_result(f)
             if result is None:
-                html[f.index], timing[f.index] = _render_here(f, why, kind, current)
+                html[f.index], timing[f.index] = _render_here(f, why, kind, current, timed=timed)
                 continue
             html[f.index] = result["html"]
             f.node.observe(result["ms"], result["cpu"])
-            now = time.monotonic()
-            timing[f.index] = (f'pr-{f.index};dur={(now - f.submitted) * 1000:.1f};'
-                               f'desc="{f.node.label} master thread render {result["ms"]:.1f}ms"')
+            if timed:
+                timing[f.index] = (f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
+                                   f'desc="{f.node.label} master thread render {result["ms"]:.1f}ms"')
             if signals.block_finished.receivers:
                 signals.send(f.node, "inline", f.unsent, current.request, index=f.index, render_ms=result["ms"],
                              **_time_line(current, f, result["at"]), later=current.held)
@@ -246,11 +249,12 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
             cold = result.get("cold")
             f.node.observe(result["ms"], None if cold else result.get("cpu"), sent=True,
                            io_ms=None if cold else result.get("io"))
-            nested = f" +{result['nested']} nested" if result.get("nested") else ""
-            timing[f.index] = (
-                f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'
-                f'desc="{f.node.label} pid {result["pid"]} render {result["ms"]:.1f}ms{nested}"'
-            )
+            if timed:
+                nested = f" +{result['nested']} nested" if result.get("nested") else ""
+                timing[f.index] = (
+                    f'pr-{f.index};dur={(answer.received - f.submitted) * 1000:.1f};'
+                    f'desc="{f.node.label} pid {result["pid"]} render {result["ms"]:.1f}ms{nested}"'
+                )
             if signals.block_finished.receivers:
                 total = (answer.received - f.submitted) * 1000
                 signals.send(f.node, "sent", "", current.request, index=f.index, queue_ms=max(total - result["ms"], 0.0),
@@ -259,16 +263,19 @@ def gather(current: session.RenderSession, fragments: list[session.Pending]) -> 
                              **_time_line(current, f, _worker_began(f, decoded, answer.received, result["ms"])),
                              later=current.held)
             continue
-        html[f.index], timing[f.index] = _render_here(f, why, kind, current)
+        html[f.index], timing[f.index] = _render_here(f, why, kind, current, timed=timed)
+    if not timed:
+        return html, []
     timings = [timing[f.index] for f in fragments]
     timings.append(f'pr-wait;dur={waited * 1000:.1f};desc="waited for {len(fragments)} fragments"')
     return html, timings
 
 
 def _render_here(
-    f: session.Pending, why: str, kind: str, current: session.RenderSession, measure: bool = False
+    f: session.Pending, why: str, kind: str, current: session.RenderSession, measure: bool = False,
+    timed: bool = True,
 ) -> tuple[str, str]:
-    """The block rendered by the master (or its fallback), and its Server-Timing entry.
+    """The block rendered by the master (or its fallback), and its Server-Timing entry ("" unless timed).
 
     measure: the block rendered as a worker would have (taken back), so its time feeds the
     block's cost model.
@@ -284,6 +291,8 @@ def _render_here(
         signals.send(f.node, "fallback" if f.node.stands_in(kind) else "rescued", why, current.request, index=f.index,
                      render_ms=ms, total_ms=(time.monotonic() - f.submitted) * 1000,
                      **_time_line(current, f, time.monotonic() - ms / 1000), later=current.held)
+    if not timed:
+        return html, ""
     entry = (f'pr-{f.index};dur={(time.monotonic() - f.submitted) * 1000:.1f};'
              f'desc="{f.node.label} master render {ms:.1f}ms: {why[:100].replace(chr(34), chr(39))}"')
     return html, entry
@@ -358,7 +367,8 @@ def _result(
         part = parts[f.part] if f.part < len(parts) else None
         if not isinstance(part, dict):
             return None, "bad result: the bundle's answer lacks this block", NOT_RENDERED
-        result = {**part, "pid": result.get("pid")}
+        part["pid"] = result.get("pid")  # the job's, as for a block of its own (the dict is this page's)
+        result = part
     if not result.get("ok"):  # no HTML to stitch (a worker's refusal carries no nonce)
         return _failed(f, result, "worker error")
     if result.get("n") != f.nonce:

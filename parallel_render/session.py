@@ -78,6 +78,8 @@ class RenderSession:
     lookups: list[Pending] = field(default_factory=list)
     # True while a streamed page's template renders (parallel_render.streaming).
     streaming: bool = False
+    # What enclosure_reason found above the frames of the nodes enclosing its blocks, by frame.
+    enclosures: dict[Any, str | None] = field(default_factory=dict)
 
     def unresolved(self) -> bool:
         """Whether some block went out (or waits in the bundle) and has not been gathered."""
@@ -119,8 +121,27 @@ class RenderSession:
     def pattern(self) -> re.Pattern[bytes]:
         return re.compile(rb"<!--pr:" + self.token.encode() + rb":(\d+)-->")
 
-    def text_pattern(self) -> re.Pattern[str]:
-        return re.compile(r"<!--pr:" + self.token + r":(\d+)-->")
+    def replace_placeholders(self, text: str, html: dict[int, str]) -> str:
+        """text with each of this session's placeholders whose index html has replaced by it.
+
+        What re.sub on "<!--pr:TOKEN:(digits)-->" would do, without compiling a pattern for each
+        page's token (tens of µs, a block's whole budget on a small page): the prefix cannot
+        overlap itself, so a split on it finds the same placeholders.
+        """
+        prefix = f"<!--pr:{self.token}:"
+        parts = text.split(prefix)
+        if len(parts) == 1:
+            return text
+        out = [parts[0]]
+        for part in parts[1:]:
+            end = part.find("-->")
+            digits = part[:end]
+            found = html.get(int(digits)) if 0 < end <= 12 and digits.isdecimal() else None
+            if found is None:
+                out += (prefix, part)
+            else:
+                out += (found, part[end + 3:])
+        return "".join(out)
 
 
 _current: contextvars.ContextVar[RenderSession | None] = contextvars.ContextVar(

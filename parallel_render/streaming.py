@@ -357,7 +357,7 @@ class BlockStream:
         group = [g for g in self.pending.values() if g.job_id == f.job_id] if f.job_id else [f]
         for g in group:
             del self.pending[g.index]
-        html, _timings = gather(self.current, group)
+        html, _timings = gather(self.current, group, timed=False)
         self.current.html.update(html)
 
     def _cancel(self, why: str) -> None:

@@ -96,6 +96,9 @@ class Worker:
         # Its wait for a CPU, to tell what a render spent asleep (its "io"): see _render_one.
         self.run_queue = policy.RunQueueClock()
         self.measure_io = True
+        # The language and time zone (a job's "env") the blocks of the current job left
+        # active: the next block of a bundle with the same env need not activate them again.
+        self.active_env: Any = None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -252,6 +255,7 @@ class Worker:
             else:
                 deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
                 token = f"{self._token_prefix}{self.jobs_done:08x}"
+                self.active_env = None  # a job activates its env, whatever ran before it
                 render = self._render_traced if self.traced else self._render_one
                 if isinstance(body, dict) and isinstance(body.get("bundle"), list):
                     # A bundle's blocks are cheaper than a block thread is worth: their sleep
@@ -311,8 +315,13 @@ class Worker:
         queued = self.run_queue.read() if self.measure_io else None
         started = policy.start_measuring()
         nonce = job.get("n") if isinstance(job, dict) else None
+        env = job.get("env") if isinstance(job, dict) else None
+        # A bundle's blocks come from one page and mostly share their env: activated once.
+        fresh = env is None or env != self.active_env
+        self.active_env = None
         try:
-            html, nested = render_job(job, self.nested_client, deadline, token)
+            html, nested = render_job(job, self.nested_client, deadline, token, activate=fresh)
+            self.active_env = env
             result: dict[str, Any] = {"ok": True, "html": html, "nested": nested}
             if "cache" in job:
                 self.to_store.append((job["cache"], html))
@@ -359,9 +368,13 @@ def failure(exc: Exception) -> dict[str, Any]:
 
 
 def render_job(
-    job: dict[str, Any], nested: RouterClient | None = None, deadline: float | None = None, token: str | None = None
+    job: dict[str, Any], nested: RouterClient | None = None, deadline: float | None = None, token: str | None = None,
+    activate: bool = True,
 ) -> tuple[str, int]:
     """The block's HTML, and how many blocks nested in it went to other workers.
+
+    activate=False: the job's language and time zone are the active ones already (the
+    block before it in a bundle had the same).
 
     With a client, blocks nested in this one go to workers that are idle right now, and
     are stitched in here; the others render in this worker, as inline blocks do. token
@@ -371,7 +384,8 @@ def render_job(
         raise ValueError(f"unsupported job version {job.get('v')!r}")
     template, node = fragments.worker_block(job["e"], job["t"], job["o"], job["h"])
     # The master's language and time zone, for the context processors run here too.
-    fragments.activate_env(job["env"])
+    if activate:
+        fragments.activate_env(job["env"])
     decoder = codec.Decoder()
     values = {name: decoder.decode(value) for name, value in job["c"].items()}
     if "req" in job:

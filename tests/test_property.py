@@ -111,3 +111,20 @@ def test_the_property_run_really_sent_blocks_to_workers():
     assert DISPATCHED["pages"] >= 20
     print(DISPATCHED)
     assert DISPATCHED["blocks"] >= DISPATCHED["pages"] // 2, DISPATCHED
+
+
+PIECES = st.sampled_from(["<!--pr:", "-->", ":", "1", "12", "٣", "x", "<", "-", "<!--pr:tok:", "<!--pr:tok:7-->"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(PIECES, max_size=12).map("".join), st.dictionaries(st.integers(0, 20), st.sampled_from(["A", "", "<b>"])))
+def test_placeholders_are_replaced_as_the_regular_expression_would(text, html):
+    """RenderSession.replace_placeholders splits on the page's prefix instead of compiling a
+    pattern for every page's token: same placeholders found, same text out."""
+    import re
+
+    from parallel_render.session import RenderSession
+
+    current = RenderSession(None, None, token="tok")
+    expected = re.sub(r"<!--pr:tok:(\d+)-->", lambda m: html.get(int(m.group(1)), m.group(0)), text)
+    assert current.replace_placeholders(text, html) == expected

@@ -580,19 +580,48 @@ def enclosure_reason(node: ParallelNode, frame: Any) -> str | None:
     its output through unchanged, up to the render that stitches it: a render through the
     template backend (render(), render_to_string(), TemplateResponse; see
     parallel_render.rendering), or a worker's rendering of the block it nests in.
+
+    What the walk found above an enclosing node's frame holds for as long as that frame runs
+    (its callers do not change meanwhile): the render session keeps it, by frame, so the
+    blocks of a loop walk only up to the loop's node. The frames it keeps stay alive (and are
+    never mistaken for new ones) until the page is done.
     """
+    current = session.current()
+    known = current.enclosures if current is not None else None
     transparent = analysis.transparent_paths(conf.get_config()["TRANSPARENT_TAGS"])
     f = frame
+    if f is not None and f.f_code is _RENDER_ANNOTATED:
+        f = f.f_back  # the block's own render_annotated (it renders only its own node)
+    walked = []
+    reason: str | None = (
+        "the template is not rendered through Django's template backend (render(), render_to_string(), "
+        "TemplateResponse)"
+    )
     while f is not None:
         code = f.f_code
         if code is _RENDER_ANNOTATED:
+            if known is not None:
+                found = known.get(f, _UNKNOWN)
+                if found is not _UNKNOWN:
+                    reason = found
+                    break
+                walked.append(f)
             outer = f.f_locals.get("self")
-            if outer is not node and outer is not None and analysis.class_path(outer) not in transparent:
-                return f"inside {{% {analysis.tag_name(outer)} %}}, which may change its output"
+            # (A block inside itself, through a recursive include, is a ParallelNode: transparent.)
+            if outer is not None and analysis.class_path(outer) not in transparent:
+                reason = f"inside {{% {analysis.tag_name(outer)} %}}, which may change its output"
+                break
         elif code in _RESPONSE_CODES:
-            return None
+            reason = None
+            break
         f = f.f_back
-    return "the template is not rendered through Django's template backend (render(), render_to_string(), TemplateResponse)"
+    if known is not None:
+        for f in walked:
+            known[f] = reason
+    return reason
+
+
+_UNKNOWN = object()
 
 
 def _response_codes() -> set[Any]:
