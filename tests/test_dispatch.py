@@ -524,6 +524,26 @@ def test_cheap_blocks_travel_together_in_one_job(parallel):
     assert len(set(block_pids(response))) <= after["submitted"] - before["submitted"]
 
 
+def test_a_bundle_renders_each_block_in_its_own_language_and_time_zone(parallel):
+    """A worker activates a bundle's language and time zone once for blocks that share them,
+    and again for each block whose differ: here they alternate."""
+    client = Client()
+    path = "/p/bundle_env/?n=10"
+    for _ in range(3):
+        client.get(path)  # measured: cheap, so they travel in bundles
+    with serially():
+        serial = client.get(path)
+    router = RouterClient(parallel.address)
+    before = router.stats()
+    response = client.get(path)
+    after = router.stats()
+    assert response.content == serial.content
+    body = response.content.decode()
+    assert "<i>0 lundi 16:08 Oui</i>" in body and "<i>1 Monday 09:08 Yes</i>" in body
+    assert len(block_pids(response)) == 10 and not rescued(response)
+    assert after["submitted"] - before["submitted"] < 10  # some blocks shared a job
+
+
 def test_a_failing_block_in_a_bundle_costs_only_itself(parallel, settings):
     settings.DEBUG = False
     client = Client()

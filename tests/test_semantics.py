@@ -74,6 +74,19 @@ def test_enclosing_transform_in_an_including_template_is_seen_at_render_time(par
     assert "inside {% filter %}" in caplog.text
 
 
+def test_a_block_in_a_loop_and_then_inside_a_transforming_tag_is_judged_at_each_place(parallel, caplog):
+    """enclosure_reason remembers, per page, what it found above an enclosing node's frame:
+    the same block, included in a loop, then inside {% filter %}, then in a loop again, is sent,
+    kept, and sent."""
+    fresh_templates()
+    caplog.set_level("INFO", logger="parallel_render")
+    response = same("/p/enclosure_loop/?n=3&marker=m")
+    first, inside, last = response.content.decode().split("|")
+    assert first.count("<i>m-") == last.count("<i>m-") == 9 and inside.count("<I>M-") == 3
+    assert len(block_pids(response)) == 24  # each include: 3 items and its title
+    assert "inside {% filter %}" in caplog.text
+
+
 def test_silent_failures_language_timezone_and_models(parallel):
 
     from tests.testapp.models import Article, Author
