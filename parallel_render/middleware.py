@@ -43,19 +43,20 @@ class ParallelRenderMiddleware:
         current = self.session_for(request)
         if current is None:
             return self.get_response(request)
-        token = session.activate(current)
-        try:
-            response = self.get_response(request)
-        except BaseException:
-            abandon(current)
-            raise
-        finally:
-            session.deactivate(token)
-        if current.fragments:
-            if streaming.wants_stream(response, current):
-                return streaming.stream(current, response)
-            stitch(current, response)
-        return response
+        with policy.pages_in_flight:  # the dispatch policy shares the workers among them
+            token = session.activate(current)
+            try:
+                response = self.get_response(request)
+            except BaseException:
+                abandon(current)
+                raise
+            finally:
+                session.deactivate(token)
+            if current.fragments:
+                if streaming.wants_stream(response, current):
+                    return streaming.stream(current, response)
+                stitch(current, response)
+            return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         current = self.session_for(request)
@@ -63,23 +64,24 @@ class ParallelRenderMiddleware:
             return await self.get_response(request)
         # The session travels in a context variable, which asgiref copies into the thread
         # where a sync view (or a TemplateResponse) renders.
-        token = session.activate(current)
-        try:
-            response = await self.get_response(request)
-        except BaseException:
-            abandon(current)
-            raise
-        finally:
-            session.deactivate(token)
-        if current.fragments:
-            if streaming.wants_stream(response, current):
-                # It sends the last bundle and looks cached blocks up: off the event loop too.
-                return await sync_to_async(streaming.stream, thread_sensitive=False)(
-                    current, response, asynchronous=True
-                )
-            # Waiting for the workers blocks; keep it off the event loop.
-            await sync_to_async(stitch, thread_sensitive=False)(current, response)
-        return response
+        with policy.pages_in_flight:
+            token = session.activate(current)
+            try:
+                response = await self.get_response(request)
+            except BaseException:
+                abandon(current)
+                raise
+            finally:
+                session.deactivate(token)
+            if current.fragments:
+                if streaming.wants_stream(response, current):
+                    # It sends the last bundle and looks cached blocks up: off the event loop too.
+                    return await sync_to_async(streaming.stream, thread_sensitive=False)(
+                        current, response, asynchronous=True
+                    )
+                # Waiting for the workers blocks; keep it off the event loop.
+                await sync_to_async(stitch, thread_sensitive=False)(current, response)
+            return response
 
     def session_for(self, request: HttpRequest) -> session.RenderSession | None:
         config = conf.get_config()

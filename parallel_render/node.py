@@ -206,6 +206,9 @@ def post_fork(server: Any, worker: Any) -> None:
     from parallel_render.process import die_with_parent
 
     die_with_parent(server.pid)
+    from parallel_render import policy
+
+    policy.NODE_MASTERS = max(1, int(server.cfg.workers))  # the policy's estimate of pages on the node
     if _layout is not None:
         apply_affinity(os.getpid(), _layout.for_master(getattr(worker, "parallel_render_slot", 0)))
 

@@ -162,6 +162,58 @@ def idle_needed(here_cpu_ms: float | None, sent_cpu_ms: float | None) -> float:
 THREAD_IDLE_SHARE = 0.05
 
 
+# While less than this share of the CPUs' time is idle, a page may keep out to workers only its
+# share of them (the workers over the pages in flight on the node, share_of_workers()); the
+# rest of its blocks stay with its master, as when no worker is idle. Without it, the first
+# pages to arrive take every worker, and the pages beside them render every block in their
+# masters, on CPUs the workers keep busy: at 4 connections on the demo page, the slowest
+# parallel pages were those, their page thread waiting for a CPU three times as long as a
+# serial page's (docs/dispatch.md). With idle CPU, a page takes what is free: the others lose
+# nothing by it.
+FAIR_IDLE_SHARE = 0.3
+
+
+class PagesInFlight:
+    """How many pages this process is rendering with a render session now (middleware)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> PagesInFlight:
+        with self._lock:
+            self.count += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+pages_in_flight = PagesInFlight()
+# The node's masters (processes like this one serving pages): set in each master by the node's
+# gunicorn hook (node.post_fork); 1 under runserver. Pages on the node are estimated as this
+# process's pages times this, the masters sharing connections about evenly.
+NODE_MASTERS = 1
+
+
+def share_of_workers(workers: int, pages: float) -> int:
+    """The blocks one of `pages` pages may keep out to `workers` workers at once: at least one."""
+    return max(1, math.ceil(workers / max(pages, 1.0)))
+
+
+def holds_its_share(load: RouterLoad | None, out: Callable[[], int]) -> bool:
+    """Whether a page with out() blocks with workers (or queued for them) already holds its
+    share of the workers, while the CPUs are busy enough for that to matter (FAIR_IDLE_SHARE).
+    out is called only then."""
+    if load is None or load.workers == 0:
+        return False
+    pages = pages_in_flight.count * NODE_MASTERS
+    if pages <= 1 or cpu_room.has_room(FAIR_IDLE_SHARE):
+        return False
+    return out() >= share_of_workers(load.workers, pages)
+
+
 def should_send(
     load: RouterLoad | None, cost_ms: float | None, nested: bool = False, here_cpu_ms: float | None = None,
     sent_cpu_ms: float | None = None,

@@ -85,6 +85,11 @@ class RenderSession:
         """Whether some block went out (or waits in the bundle) and has not been gathered."""
         return len(self.fragments) > self.resolved or bool(self.bundle)
 
+    def blocks_out(self) -> int:
+        """This page's blocks with workers or queued for them (sent, or in the open bundle) and
+        not gathered yet."""
+        return sum(1 for f in self.fragments[self.resolved:] if f.job_id) + len(self.bundle)
+
     def add_to_bundle(self, pending: Pending, body: bytes, cost_ms: float, full_ms: float) -> None:
         """Add a cheap block to the open bundle; send the bundle once it holds full_ms of work
         (or half the largest job the client may send)."""

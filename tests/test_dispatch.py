@@ -430,6 +430,64 @@ def test_with_every_cpu_busy_blocks_that_wait_render_in_place_not_in_threads(uni
     assert all(r.reason == "every CPU busy" for r in records)
 
 
+def test_with_busy_cpus_a_page_keeps_out_only_its_share_of_the_workers(cpu, monkeypatch):
+    assert [policy.share_of_workers(8, pages) for pages in (0, 1, 3, 4, 16)] == [8, 8, 3, 2, 1]
+    monkeypatch.setattr(policy, "NODE_MASTERS", 2)
+    eight = load(workers=8, idle=4)
+
+    def never() -> int:
+        raise AssertionError("a page's blocks are counted only when its share matters")
+
+    cpu.left_idle(0.0)
+    with policy.pages_in_flight:  # alone in this master: 2 pages on the node, 4 workers each
+        assert not policy.holds_its_share(eight, lambda: 3) and policy.holds_its_share(eight, lambda: 4)
+        with policy.pages_in_flight:  # two here: 4 on the node, 2 workers each
+            assert not policy.holds_its_share(eight, lambda: 1) and policy.holds_its_share(eight, lambda: 2)
+            cpu.left_idle(policy.FAIR_IDLE_SHARE + 0.05)  # idle CPU: a page takes what is free
+            assert not policy.holds_its_share(eight, never)
+            assert not policy.holds_its_share(None, never)  # no status page: nothing to share out
+    monkeypatch.setattr(policy, "NODE_MASTERS", 1)
+    cpu.left_idle(0.0)
+    with policy.pages_in_flight:  # the only page on the node takes every worker
+        assert not policy.holds_its_share(eight, never)
+
+
+def test_a_page_that_holds_its_share_leaves_the_rest_of_the_workers_to_the_pages_beside_it(
+    unix_workers, cpu, monkeypatch
+):
+    from django.template.loader import get_template
+
+    client = Client()
+    path = "/p/takeback/?sleep=0.05"
+    for _ in range(3):
+        client.get(path)  # measured in workers: each sleeps 50 ms, so it waits
+    for node in parallel_nodes(get_template("t/takeback.html").template).values():
+        node.here_cpu_ms = node.sent_cpu_ms  # as cheap here as there: sent whenever a tenth is idle
+    with serially():
+        serial = client.get(path)
+    # This page and one other in this master, two masters: four pages on the node share its
+    # two workers, one each; a fifth of the CPUs' time idle.
+    monkeypatch.setattr(policy, "NODE_MASTERS", 2)
+    cpu.left_idle((policy.IDLE_SHARE + policy.FAIR_IDLE_SHARE) / 2)
+    with policy.pages_in_flight:
+        response = client.get(path)
+        assert policy.pages_in_flight.count == 1  # the page counted itself while it rendered
+    with pytest.raises(ValueError):
+        client.get("/p/raise_after/?n=2")  # a page whose view raises after its blocks went out
+    assert policy.pages_in_flight.count == 0
+    assert response.content == serial.content
+    records = blocks_of(response)
+    assert [r.outcome for r in records].count("sent") == 1
+    kept = [r for r in records if r.outcome != "sent"]
+    assert len(kept) == 3
+    # Kept, they wait in the master's block threads, as any kept block that waits would (or,
+    # not started when the page was done, are taken back by the page's own thread).
+    in_threads = [r for r in kept if r.outcome == "inline"]
+    why = "its page holds its share of the workers: rendered in a thread of the master"
+    assert in_threads and all(r.reason == why for r in in_threads), kept
+    assert all(r.outcome == "inline" or r.reason == "taken back" for r in kept)
+
+
 def test_a_block_goes_to_a_master_thread_only_when_it_sleeps_at_least_as_long_as_it_computes():
     from parallel_render.templatetags.parallel import ParallelNode
 

@@ -111,6 +111,15 @@ class ParallelNode(Node):
         return (self.io_ms is not None and cpu is not None and self.cost_ms is not None
                 and self.cost_ms >= policy.BATCH_MS and self.io_ms >= cpu)
 
+    def kept_because(self, current: session.RenderSession) -> str | None:
+        """Why the dispatch policy keeps this block in the master now; None: it may go out."""
+        load = current.client.load()
+        if not policy.should_send(load, self.cost_ms, current.nested, self.here_cpu_ms, self.sent_cpu_ms):
+            return "every CPU busy" if self.cpu_busy() else "no idle worker"
+        if not current.nested and policy.holds_its_share(load, current.blocks_out):
+            return "its page holds its share of the workers"
+        return None
+
     def cpu_busy(self) -> bool:
         """Whether the CPUs are too busy for this block to be sent (policy.idle_needed)."""
         return not policy.cpu_room.has_room(policy.idle_needed(self.here_cpu_ms, self.sent_cpu_ms))
@@ -138,12 +147,10 @@ class ParallelNode(Node):
         if threshold and self.cost_ms is not None and self.cost_ms < threshold:
             # Cheaper to render here than to send: keep measuring, in case it grows.
             return self._render_measured(current, context, "cheap")
-        if config["ADAPTIVE"] and not policy.should_send(
-            current.client.load(), self.cost_ms, current.nested, self.here_cpu_ms, self.sent_cpu_ms
-        ):
-            # No worker would start it soon, or no CPU would run it sooner than this one:
-            # rendering it here costs the page (and the node) less than sending it.
-            why = "every CPU busy" if self.cpu_busy() else "no idle worker"
+        if config["ADAPTIVE"] and (why := self.kept_because(current)) is not None:
+            # No worker would start it soon, or no CPU would run it sooner than this one, or
+            # the page holds its share of the workers: rendering it here costs the page (and
+            # the node) less than sending it.
             if current.streaming:  # rendered here after the first byte, not before it
                 deferred = streaming.defer(self, current, context, why, sys._getframe(1), began)
                 if deferred is not None:
@@ -276,10 +283,8 @@ class ParallelNode(Node):
         why = None
         if config["MIN_BLOCK_MS"] and self.cost_ms is not None and self.cost_ms < config["MIN_BLOCK_MS"]:
             why = "cheap"
-        elif config["ADAPTIVE"] and not policy.should_send(
-            current.client.load(), self.cost_ms, current.nested, self.here_cpu_ms, self.sent_cpu_ms
-        ):
-            why = "every CPU busy" if self.cpu_busy() else "no idle worker"
+        elif config["ADAPTIVE"] and (kept := self.kept_because(current)) is not None:
+            why = kept
         else:
             why = self.reason_inline(context, frame)
         try:
