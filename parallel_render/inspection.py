@@ -121,6 +121,7 @@ def url_blocks(path: str) -> list[tuple[str, str]]:
             response = Client().get(path)
     finally:
         session.deactivate(token)
+        current.forget_frames()
     if response.status_code != 200:
         raise ValueError(f"{path} answered {response.status_code}")
     results = [(f.node.label, "parallel") for f in current.fragments]

@@ -52,6 +52,7 @@ class ParallelRenderMiddleware:
                 raise
             finally:
                 session.deactivate(token)
+                current.forget_frames()
             if current.fragments:
                 if streaming.wants_stream(response, current):
                     return streaming.stream(current, response)
@@ -73,6 +74,7 @@ class ParallelRenderMiddleware:
                 raise
             finally:
                 session.deactivate(token)
+                current.forget_frames()
             if current.fragments:
                 if streaming.wants_stream(response, current):
                     # It sends the last bundle and looks cached blocks up: off the event loop too.

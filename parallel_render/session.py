@@ -85,6 +85,12 @@ class RenderSession:
         """Whether some block went out (or waits in the bundle) and has not been gathered."""
         return len(self.fragments) > self.resolved or bool(self.bundle)
 
+    def forget_frames(self) -> None:
+        """Drop the frames `enclosures` holds once the page's templates have rendered: they
+        reach up the stack to the frame holding this session, a cycle that would keep the
+        request and its response alive until the cyclic garbage collector runs."""
+        self.enclosures.clear()
+
     def blocks_out(self) -> int:
         """This page's blocks with workers or queued for them (sent, or in the open bundle) and
         not gathered yet."""

@@ -399,6 +399,7 @@ def render_job(
         html = fragments.render_captured(node, template, values, job["env"], override=False)
     finally:
         session.deactivate(activated)
+        current.forget_frames()
     if not current.fragments:
         return html, 0
     from parallel_render.middleware import stitch_text

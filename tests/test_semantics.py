@@ -152,3 +152,32 @@ def test_declared_context_processors_run_again_in_the_worker(parallel, settings,
     response = same("/p/processors/")
     assert not block_pids(response)
     assert "site_info is a tests.testapp.context_processors.SiteInfo" in caplog.text
+
+
+def test_a_page_leaves_no_frames_behind_in_its_render_session(parallel):
+    """The frames enclosure_reason keeps reach up to the one holding the session: dropped once
+    the page's templates have rendered, so the request and response are freed without waiting
+    for the cyclic garbage collector."""
+    import gc
+    import weakref
+
+    from parallel_render import session
+
+    seen = []
+    original = session.RenderSession.forget_frames
+
+    def forget_frames(self):
+        seen.append((weakref.ref(self), len(self.enclosures)))
+        original(self)
+
+    gc.collect()
+    gc.disable()
+    try:
+        session.RenderSession.forget_frames = forget_frames
+        response = same("/p/enclosure_loop/?n=2&marker=m")
+        del response
+        assert seen and seen[-1][1] > 0  # the page's walks kept frames
+        assert all(ref() is None for ref, _count in seen)  # freed by reference counting alone
+    finally:
+        session.RenderSession.forget_frames = original
+        gc.enable()
