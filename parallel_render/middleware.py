@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -44,15 +45,8 @@ class ParallelRenderMiddleware:
         if current is None:
             return self.get_response(request)
         with policy.pages_in_flight:  # the dispatch policy shares the workers among them
-            token = session.activate(current)
-            try:
+            with rendering(current):
                 response = self.get_response(request)
-            except BaseException:
-                abandon(current)
-                raise
-            finally:
-                session.deactivate(token)
-                current.forget_frames()
             if current.fragments:
                 if streaming.wants_stream(response, current):
                     return streaming.stream(current, response)
@@ -66,15 +60,8 @@ class ParallelRenderMiddleware:
         # The session travels in a context variable, which asgiref copies into the thread
         # where a sync view (or a TemplateResponse) renders.
         with policy.pages_in_flight:
-            token = session.activate(current)
-            try:
+            with rendering(current):
                 response = await self.get_response(request)
-            except BaseException:
-                abandon(current)
-                raise
-            finally:
-                session.deactivate(token)
-                current.forget_frames()
             if current.fragments:
                 if streaming.wants_stream(response, current):
                     # It sends the last bundle and looks cached blocks up: off the event loop too.
@@ -98,6 +85,21 @@ class ParallelRenderMiddleware:
             return True
         header = config["SERIAL_HEADER"]
         return bool(header) and request.headers.get(header, "").lower() == "serial"
+
+
+@contextmanager
+def rendering(current: session.RenderSession) -> Iterator[None]:
+    """Around the view: current is the active render session; if the view raises, the blocks
+    it sent are abandoned; afterwards the session lets go of the frames its renders kept."""
+    token = session.activate(current)
+    try:
+        yield
+    except BaseException:
+        abandon(current)
+        raise
+    finally:
+        session.deactivate(token)
+        current.forget_frames()
 
 
 def abandon(current: session.RenderSession) -> None:
