@@ -84,7 +84,9 @@ def test_the_port_counts_every_block_a_page_sent_and_shows_the_router(metrics_no
     assert value(after, "parallel_render_router_queued") == 0
     assert value(after, "parallel_render_router_submitted_total") - value(before, "parallel_render_router_submitted_total") \
         >= 4 * pages
-    assert value(after, "parallel_render_router_service_seconds", quantile="0.5") >= 0.02
+    # The router reports a quantile as its histogram bucket's midpoint (16 buckets per power of
+    # two): a 20.3 ms median reads 19.968 ms, so allow the bucket's half width below 20 ms.
+    assert value(after, "parallel_render_router_service_seconds", quantile="0.5") >= 0.02 * (1 - 1 / 32)
 
 
 def test_the_django_view_shows_the_same_node_wide_counts(metrics_node):
