@@ -184,6 +184,10 @@ def on_starting(server: Any) -> None:
     die_with_parent(int(supervisor))
     _ensure_django(server)
     _layout = node_layout(server.cfg.workers, NodeOptions.from_env())
+    from parallel_render import policy
+
+    # Before the first fork: every master maps the same counts of pages in flight.
+    policy.pages_in_flight.node = policy.NodePages(max(64, 2 * int(server.cfg.workers)))
 
 
 def pre_fork(server: Any, worker: Any) -> None:
@@ -194,7 +198,12 @@ def pre_fork(server: Any, worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Arbiter, a master has exited: its live Prometheus gauges go with it (its counters stay)."""
+    """Arbiter, a master has exited: its pages in flight and its live Prometheus gauges go with
+    it (its counters stay)."""
+    from parallel_render import policy
+
+    if policy.pages_in_flight.node is not None:
+        policy.pages_in_flight.node.clear(getattr(worker, "parallel_render_slot", -1))
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from parallel_render.metrics import process_exited
 
@@ -208,7 +217,8 @@ def post_fork(server: Any, worker: Any) -> None:
     die_with_parent(server.pid)
     from parallel_render import policy
 
-    policy.NODE_MASTERS = max(1, int(server.cfg.workers))  # the policy's estimate of pages on the node
+    if policy.pages_in_flight.node is not None:
+        policy.pages_in_flight.node.claim(getattr(worker, "parallel_render_slot", -1))
     if _layout is not None:
         apply_affinity(os.getpid(), _layout.for_master(getattr(worker, "parallel_render_slot", 0)))
 

@@ -15,6 +15,7 @@ reasoning and the measurements behind the numbers are in docs/dispatch.md.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
 import time
@@ -173,28 +174,75 @@ THREAD_IDLE_SHARE = 0.05
 FAIR_IDLE_SHARE = 0.3
 
 
+class NodePages:
+    """How many pages each master of a node is rendering now: one count per master, in memory
+    the node's gunicorn arbiter maps before it forks its masters (anonymous and shared: no
+    file, and no process outside the arbiter's tree sees it). A master writes only its own
+    slot (its CPU slot, node.pre_fork); any master reads the sum.
+
+    The connections do not come to the masters evenly: at 4 connections on two masters, one
+    often has three pages and the other one. A master that took the node's pages to be its
+    own times the masters gave the crowded master's pages the smallest share of the workers,
+    when theirs are the pages that wait longest for their master (docs/dispatch.md).
+    """
+
+    def __init__(self, slots: int = 64) -> None:
+        self._memory = mmap.mmap(-1, 8 * slots)  # MAP_SHARED | MAP_ANONYMOUS, zeroed
+        self.counts = memoryview(self._memory).cast("q")
+        self.slot: int | None = None  # this master's, once claimed
+
+    def claim(self, slot: int) -> None:
+        """In a master just forked: publish this process's count in that slot from now on."""
+        if 0 <= slot < len(self.counts):
+            self.slot = slot
+            self.counts[slot] = 0
+        else:  # more masters than slots: this one's pages are added by itself only
+            self.slot = None
+
+    def clear(self, slot: int) -> None:
+        """In the arbiter, a master has exited (killed mid-page, too): its pages are gone."""
+        if 0 <= slot < len(self.counts):
+            self.counts[slot] = 0
+
+    def publish(self, count: int) -> None:
+        if self.slot is not None:
+            self.counts[self.slot] = count
+
+    def total(self, here: int) -> int:
+        """The node's pages in flight, `here` being this process's."""
+        return sum(self.counts) + (0 if self.slot is not None else here)
+
+
 class PagesInFlight:
-    """How many pages this process is rendering with a render session now (middleware)."""
+    """How many pages this process is rendering with a render session now (middleware), and,
+    in a node's master, the node's (NodePages)."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.node: NodePages | None = None  # set in a node's masters (node.on_starting, post_fork)
         self._lock = threading.Lock()
 
     def __enter__(self) -> PagesInFlight:
         with self._lock:
             self.count += 1
+            if self.node is not None:
+                self.node.publish(self.count)
         return self
 
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             self.count -= 1
+            if self.node is not None:
+                self.node.publish(self.count)
+
+    def on_node(self) -> int:
+        """The pages in flight on the node: this process's alone where it is the only master
+        (runserver) or knows of no others (a gunicorn without the node's configuration)."""
+        node = self.node
+        return self.count if node is None else node.total(self.count)
 
 
 pages_in_flight = PagesInFlight()
-# The node's masters (processes like this one serving pages): set in each master by the node's
-# gunicorn hook (node.post_fork); 1 under runserver. Pages on the node are estimated as this
-# process's pages times this, the masters sharing connections about evenly.
-NODE_MASTERS = 1
 
 
 def share_of_workers(workers: int, pages: float) -> int:
@@ -208,7 +256,7 @@ def holds_its_share(load: RouterLoad | None, out: Callable[[], int]) -> bool:
     out is called only then."""
     if load is None or load.workers == 0:
         return False
-    pages = pages_in_flight.count * NODE_MASTERS
+    pages = pages_in_flight.on_node()
     if pages <= 1 or cpu_room.has_room(FAIR_IDLE_SHARE):
         return False
     return out() >= share_of_workers(load.workers, pages)

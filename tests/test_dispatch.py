@@ -7,6 +7,8 @@ import itertools
 import math
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -432,24 +434,65 @@ def test_with_every_cpu_busy_blocks_that_wait_render_in_place_not_in_threads(uni
 
 def test_with_busy_cpus_a_page_keeps_out_only_its_share_of_the_workers(cpu, monkeypatch):
     assert [policy.share_of_workers(8, pages) for pages in (0, 1, 3, 4, 16)] == [8, 8, 3, 2, 1]
-    monkeypatch.setattr(policy, "NODE_MASTERS", 2)
+    # This process is the master in slot 0 of a node; the master in slot 1 has one page.
+    node = policy.NodePages(4)
+    node.claim(0)
+    monkeypatch.setattr(policy.pages_in_flight, "node", node)
+    node.counts[1] = 1
     eight = load(workers=8, idle=4)
 
     def never() -> int:
         raise AssertionError("a page's blocks are counted only when its share matters")
 
     cpu.left_idle(0.0)
-    with policy.pages_in_flight:  # alone in this master: 2 pages on the node, 4 workers each
+    with policy.pages_in_flight:  # 2 pages on the node, 4 workers each
+        assert list(node.counts) == [1, 1, 0, 0] and policy.pages_in_flight.on_node() == 2
         assert not policy.holds_its_share(eight, lambda: 3) and policy.holds_its_share(eight, lambda: 4)
-        with policy.pages_in_flight:  # two here: 4 on the node, 2 workers each
-            assert not policy.holds_its_share(eight, lambda: 1) and policy.holds_its_share(eight, lambda: 2)
-            cpu.left_idle(policy.FAIR_IDLE_SHARE + 0.05)  # idle CPU: a page takes what is free
-            assert not policy.holds_its_share(eight, never)
-            assert not policy.holds_its_share(None, never)  # no status page: nothing to share out
-    monkeypatch.setattr(policy, "NODE_MASTERS", 1)
+        node.counts[1] = 3  # the other master is crowded: 4 on the node, 2 workers each, here too
+        assert not policy.holds_its_share(eight, lambda: 1) and policy.holds_its_share(eight, lambda: 2)
+        cpu.left_idle(policy.FAIR_IDLE_SHARE + 0.05)  # idle CPU: a page takes what is free
+        assert not policy.holds_its_share(eight, never)
+        assert not policy.holds_its_share(None, never)  # no status page: nothing to share out
+    assert node.counts[0] == 0
+    node.clear(1)  # the other master exited
     cpu.left_idle(0.0)
     with policy.pages_in_flight:  # the only page on the node takes every worker
         assert not policy.holds_its_share(eight, never)
+    monkeypatch.setattr(policy.pages_in_flight, "node", None)  # runserver: the only master
+    with policy.pages_in_flight, policy.pages_in_flight:
+        assert policy.pages_in_flight.on_node() == 2
+        assert policy.holds_its_share(eight, lambda: 4) and not policy.holds_its_share(eight, lambda: 3)
+
+
+def test_the_masters_of_a_node_count_each_others_pages_in_shared_memory():
+    # As in a node: the counts are mapped, then a master is forked (in a fresh interpreter with
+    # one thread, as gunicorn's arbiter is), claims its slot and publishes its pages.
+    script = """
+import os
+from parallel_render.policy import NodePages
+node = NodePages(2)
+node.claim(0)
+ready, done = os.pipe(), os.pipe()
+pid = os.fork()
+if pid == 0:
+    node.claim(1)
+    node.publish(3)
+    os.write(ready[1], b"x")
+    os.read(done[0], 1)
+    os._exit(0)
+os.read(ready[0], 1)
+node.publish(2)
+seen = node.total(2)
+os.write(done[1], b"x")
+os.waitpid(pid, 0)
+node.clear(1)
+print(seen, node.total(2))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["5", "2"], out  # both masters' pages, then the exited one's gone
+    beyond = policy.NodePages(2)
+    beyond.claim(5)  # more masters than slots: its own pages still count
+    assert beyond.total(4) == 4
 
 
 def test_a_page_that_holds_its_share_leaves_the_rest_of_the_workers_to_the_pages_beside_it(
@@ -465,9 +508,12 @@ def test_a_page_that_holds_its_share_leaves_the_rest_of_the_workers_to_the_pages
         node.here_cpu_ms = node.sent_cpu_ms  # as cheap here as there: sent whenever a tenth is idle
     with serially():
         serial = client.get(path)
-    # This page and one other in this master, two masters: four pages on the node share its
-    # two workers, one each; a fifth of the CPUs' time idle.
-    monkeypatch.setattr(policy, "NODE_MASTERS", 2)
+    # This page and one other in this master (the `with` below), two in another master: four
+    # pages on the node share its two workers, one each; a fifth of the CPUs' time idle.
+    node = policy.NodePages(2)
+    node.claim(0)
+    node.counts[1] = 2
+    monkeypatch.setattr(policy.pages_in_flight, "node", node)
     cpu.left_idle((policy.IDLE_SHARE + policy.FAIR_IDLE_SHARE) / 2)
     with policy.pages_in_flight:
         response = client.get(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -224,6 +225,52 @@ def test_the_supervisor_is_the_parent_of_gunicorn_the_router_and_the_workers(nod
     status, body = node.get()
     assert good_page(status, body)
     assert node.worker_rendered(body)
+
+
+def pages_on_node(node: NodeProcess, concurrently: int, sleep: float) -> list[dict]:
+    """That many requests at once, each answering after `sleep` s what its master counts."""
+    answers: list[dict] = []
+
+    def one() -> None:
+        answers.append(json.loads(node.get(f"/pages_on_node/?sleep={sleep}")[1]))
+
+    threads = [threading.Thread(target=one) for _ in range(concurrently)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(answers) == concurrently
+    return answers
+
+
+def test_each_master_counts_the_pages_in_flight_on_the_whole_node(node):
+    masters = set(node.masters())
+    # Until a round's pages land on both masters (the masters take connections as they come).
+    for _ in range(20):
+        answers = pages_on_node(node, 3, 0.6)
+        if {a["pid"] for a in answers} == masters:
+            break
+    else:
+        raise AssertionError(f"20 rounds of 3 pages never reached both masters {masters}")
+    # The first page to wake saw all three, two of them in its master or one; the others may
+    # have seen fewer, the first having left.
+    first = max(answers, key=lambda a: a["node"])
+    assert first["node"] == 3 and first["here"] in (1, 2), answers
+    assert all(1 <= a["here"] <= a["node"] for a in answers), answers
+    assert [a["node"] for a in pages_on_node(node, 1, 0)] == [1]
+    # A master killed with a page in flight: its count goes with it.
+    waiting = threading.Thread(target=_try, args=(node.get, "/pages_on_node/?sleep=3"))
+    waiting.start()
+    assert wait_for(lambda: pages_on_node(node, 1, 0)[0]["node"] == 2, 10, 0.05)
+    probe = pages_on_node(node, 1, 0)[0]
+    assert probe["node"] == 2, probe
+    # here == 2: the waiting page is in the probe's master; 1: in the other one.
+    (victim,) = {probe["pid"]} if probe["here"] == 2 else masters - {probe["pid"]}
+    os.kill(victim, signal.SIGKILL)
+    waiting.join(60)
+    assert wait_for(lambda: victim not in node.masters() and len(node.masters()) == 2, 30), node.tail()
+    assert max(a["node"] for a in pages_on_node(node, 2, 0.3)) == 2
+    assert [a["node"] for a in pages_on_node(node, 1, 0)] == [1]
 
 
 def test_a_killed_worker_is_logged_by_its_signal_and_replaced(node):

@@ -21,4 +21,5 @@ urlpatterns = [
     path("st-rendered/<str:name>/", views.page_stream_rendered, name="page_stream_rendered"),
     path("st-async/<str:name>/", views.async_page_streamed, name="async_page_streamed"),
     path("outstanding/", views.outstanding, name="outstanding"),
+    path("pages_on_node/", views.pages_on_node, name="pages_on_node"),
 ]

@@ -157,3 +157,17 @@ def outstanding(request):
 
     config = conf.get_config()
     return JsonResponse(get_client(config["ROUTER"], config["MAX_PAYLOAD"]).outstanding()._asdict())
+
+
+def pages_on_node(request):
+    """After ?sleep= seconds: this process's pid and the pages in flight in it and on its node."""
+    import os
+    import time
+
+    from django.http import JsonResponse
+
+    from parallel_render import policy
+
+    time.sleep(float(request.GET.get("sleep", "0")))
+    return JsonResponse({"pid": os.getpid(), "here": policy.pages_in_flight.count,
+                         "node": policy.pages_in_flight.on_node()})
