@@ -247,7 +247,7 @@ def test_each_master_counts_the_pages_in_flight_on_the_whole_node(node):
     masters = set(node.masters())
     # Until a round's pages land on both masters (the masters take connections as they come).
     for _ in range(20):
-        answers = pages_on_node(node, 3, 0.6)
+        answers = pages_on_node(node, 3, 1.0)
         if {a["pid"] for a in answers} == masters:
             break
     else:
@@ -269,7 +269,7 @@ def test_each_master_counts_the_pages_in_flight_on_the_whole_node(node):
     os.kill(victim, signal.SIGKILL)
     waiting.join(60)
     assert wait_for(lambda: victim not in node.masters() and len(node.masters()) == 2, 30), node.tail()
-    assert max(a["node"] for a in pages_on_node(node, 2, 0.3)) == 2
+    assert max(a["node"] for a in pages_on_node(node, 2, 1.0)) == 2
     assert [a["node"] for a in pages_on_node(node, 1, 0)] == [1]
 
 
