@@ -18,7 +18,9 @@ from parallel_render.node import child_exit, on_starting, post_fork, pre_fork  #
 bind = os.environ.get("PARALLEL_RENDER_NODE_BIND", "127.0.0.1:8000")
 workers = _plan(workers=_NodeOptions.from_env().workers).masters
 # A master mostly waits for its fragments: a second thread serves another page meanwhile.
-worker_class = "gthread"
+# gunicorn's gthread worker, which also leaves a new connection to a master with fewer
+# requests in flight (parallel_render.balance).
+worker_class = "parallel_render.balance.BalancedThreadWorker"
 threads = 4
 # SIGTERM lets masters finish their pages for this long.
 graceful_timeout = 30

@@ -184,10 +184,12 @@ def on_starting(server: Any) -> None:
     die_with_parent(int(supervisor))
     _ensure_django(server)
     _layout = node_layout(server.cfg.workers, NodeOptions.from_env())
-    from parallel_render import policy
+    from parallel_render import balance, policy
 
-    # Before the first fork: every master maps the same counts of pages in flight.
-    policy.pages_in_flight.node = policy.NodePages(max(64, 2 * int(server.cfg.workers)))
+    # Before the first fork: every master maps the same counts of pages and requests in flight.
+    slots = max(64, 2 * int(server.cfg.workers))
+    policy.pages_in_flight.node = policy.NodePages(slots)
+    balance.node_requests = balance.NodeRequests(slots)
 
 
 def pre_fork(server: Any, worker: Any) -> None:
@@ -198,12 +200,15 @@ def pre_fork(server: Any, worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Arbiter, a master has exited: its pages in flight and its live Prometheus gauges go with
-    it (its counters stay)."""
-    from parallel_render import policy
+    """Arbiter, a master has exited: its pages and requests in flight and its live Prometheus
+    gauges go with it (its counters stay)."""
+    from parallel_render import balance, policy
 
+    slot = getattr(worker, "parallel_render_slot", -1)
     if policy.pages_in_flight.node is not None:
-        policy.pages_in_flight.node.clear(getattr(worker, "parallel_render_slot", -1))
+        policy.pages_in_flight.node.clear(slot)
+    if balance.node_requests is not None:
+        balance.node_requests.clear(slot)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from parallel_render.metrics import process_exited
 
@@ -215,10 +220,13 @@ def post_fork(server: Any, worker: Any) -> None:
     from parallel_render.process import die_with_parent
 
     die_with_parent(server.pid)
-    from parallel_render import policy
+    from parallel_render import balance, policy
 
+    slot = getattr(worker, "parallel_render_slot", -1)
     if policy.pages_in_flight.node is not None:
-        policy.pages_in_flight.node.claim(getattr(worker, "parallel_render_slot", -1))
+        policy.pages_in_flight.node.claim(slot)
+    if balance.node_requests is not None:
+        balance.node_requests.claim(slot)
     if _layout is not None:
         apply_affinity(os.getpid(), _layout.for_master(getattr(worker, "parallel_render_slot", 0)))
 

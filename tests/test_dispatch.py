@@ -495,6 +495,26 @@ print(seen, node.total(2))
     assert beyond.total(4) == 4
 
 
+def test_a_master_with_more_requests_in_flight_than_another_lets_it_accept_first():
+    from parallel_render.balance import NO_MASTER, NodeRequests
+
+    table = NodeRequests(4)
+    assert not table.busier_than_another()  # not a node's master
+    table.claim(0)
+    table.counts[1] = 0  # another master, idle
+    assert not table.busier_than_another()  # nothing in flight here
+    table.change(1)
+    assert list(table.counts) == [1, 0, NO_MASTER, NO_MASTER] and table.busier_than_another()
+    table.counts[1] = 1
+    assert not table.busier_than_another()  # as busy as the other
+    table.change(1)
+    assert table.busier_than_another()
+    table.clear(1)  # the other master exited: slots without a master are not less busy
+    assert not table.busier_than_another()
+    table.change(-2)
+    assert table.counts[0] == 0
+
+
 def test_a_page_that_holds_its_share_leaves_the_rest_of_the_workers_to_the_pages_beside_it(
     unix_workers, cpu, monkeypatch
 ):

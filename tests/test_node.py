@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -271,6 +272,26 @@ def test_each_master_counts_the_pages_in_flight_on_the_whole_node(node):
     assert wait_for(lambda: victim not in node.masters() and len(node.masters()) == 2, 30), node.tail()
     assert max(a["node"] for a in pages_on_node(node, 2, 1.0)) == 2
     assert [a["node"] for a in pages_on_node(node, 1, 0)] == [1]
+
+
+def test_a_new_connection_goes_to_the_master_with_fewer_requests_in_flight(node):
+    masters = set(node.masters())
+    apart = 0
+    for _ in range(20):
+        first: list[dict] = []
+
+        def fetch(into: list[dict] = first) -> None:
+            into.append(json.loads(node.get("/pages_on_node/?sleep=0.5")[1]))
+
+        slow = threading.Thread(target=fetch)
+        slow.start()
+        time.sleep(0.2)  # the slow request is in one master's thread now
+        second = json.loads(node.get("/pages_on_node/")[1])
+        slow.join(60)
+        assert {first[0]["pid"], second["pid"]} <= masters
+        apart += first[0]["pid"] != second["pid"]
+    # Left to whichever master wakes first, about half would be apart.
+    assert apart >= 17, apart
 
 
 def test_a_killed_worker_is_logged_by_its_signal_and_replaced(node):

@@ -64,8 +64,11 @@ class Command(BaseCommand):
         if problem is not None:
             raise CommandError(f"runparallel needs the fastrouter, and {problem}.")
         args = ["-c", "python:parallel_render.gunicorn_conf"]
+        worker_class = options["worker_class"]
+        if worker_class == "gthread":  # the node's own gthread masters (parallel_render.balance)
+            worker_class = "parallel_render.balance.BalancedThreadWorker"
         for flag, value in (("--bind", options["bind"]), ("--workers", options["masters"]),
-                            ("--worker-class", options["worker_class"]), ("--threads", options["threads"])):
+                            ("--worker-class", worker_class), ("--threads", options["threads"])):
             if value is not None:
                 args += [flag, str(value)]
         try:
