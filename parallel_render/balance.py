@@ -5,19 +5,20 @@ two masters at 2 to 4 connections, one master often serves two or three requests
 other serves one or none. A master's threads share one interpreter lock, so those requests
 take about twice as long (docs/node.md). Here each master counts the requests its threads are
 handling into its slot of a table the arbiter maps before forking (anonymous shared memory,
-like policy.NodePages), and a master with more in flight than another waits ACCEPT_DELAY
+like policy.NodePages, both policy.MasterSlots), and a master with more in flight than another waits ACCEPT_DELAY
 before it accepts: the less busy master, woken by the same connection, takes it meanwhile. If
 nobody did, the busier master accepts it then, so a connection waits at most that long.
 """
 
 from __future__ import annotations
 
-import mmap
 import threading
 import time
 from typing import Any
 
 from gunicorn.workers.gthread import ThreadWorker
+
+from parallel_render.policy import MasterSlots
 
 # Long enough for a less busy master's main thread to wake and accept (its threads may hold
 # its interpreter lock for up to the switch interval, 5 ms, but a master with fewer requests
@@ -27,34 +28,20 @@ ACCEPT_DELAY = 0.002
 NO_MASTER = -1
 
 
-class NodeRequests:
-    """Requests in flight per master: one 8-byte count per slot, NO_MASTER where none runs."""
+class NodeRequests(MasterSlots):
+    """Requests in flight per master, NO_MASTER in slots where none runs."""
+
+    EMPTY = NO_MASTER
 
     def __init__(self, slots: int = 64) -> None:
-        self._memory = mmap.mmap(-1, 8 * slots)
-        self.counts = memoryview(self._memory).cast("q")
-        for i in range(slots):
-            self.counts[i] = NO_MASTER
-        self.slot: int | None = None
+        super().__init__(slots)
         self._lock = threading.Lock()
         self._mine = 0
-
-    def claim(self, slot: int) -> None:
-        """In a master just forked (node.post_fork)."""
-        if 0 <= slot < len(self.counts):
-            self.slot = slot
-            self.counts[slot] = 0
-
-    def clear(self, slot: int) -> None:
-        """In the arbiter, a master has exited."""
-        if 0 <= slot < len(self.counts):
-            self.counts[slot] = NO_MASTER
 
     def change(self, by: int) -> None:
         with self._lock:
             self._mine += by
-            if self.slot is not None:
-                self.counts[self.slot] = self._mine
+            self.publish(self._mine)
 
     def busier_than_another(self) -> bool:
         """Whether another master has fewer requests in flight than this one."""

@@ -202,13 +202,8 @@ def pre_fork(server: Any, worker: Any) -> None:
 def child_exit(server: Any, worker: Any) -> None:
     """Arbiter, a master has exited: its pages and requests in flight and its live Prometheus
     gauges go with it (its counters stay)."""
-    from parallel_render import balance, policy
-
-    slot = getattr(worker, "parallel_render_slot", -1)
-    if policy.pages_in_flight.node is not None:
-        policy.pages_in_flight.node.clear(slot)
-    if balance.node_requests is not None:
-        balance.node_requests.clear(slot)
+    for table in _master_tables():
+        table.clear(getattr(worker, "parallel_render_slot", -1))
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from parallel_render.metrics import process_exited
 
@@ -220,15 +215,17 @@ def post_fork(server: Any, worker: Any) -> None:
     from parallel_render.process import die_with_parent
 
     die_with_parent(server.pid)
-    from parallel_render import balance, policy
-
-    slot = getattr(worker, "parallel_render_slot", -1)
-    if policy.pages_in_flight.node is not None:
-        policy.pages_in_flight.node.claim(slot)
-    if balance.node_requests is not None:
-        balance.node_requests.claim(slot)
+    for table in _master_tables():
+        table.claim(getattr(worker, "parallel_render_slot", -1))
     if _layout is not None:
         apply_affinity(os.getpid(), _layout.for_master(getattr(worker, "parallel_render_slot", 0)))
+
+
+def _master_tables() -> list[Any]:
+    """The counts the masters share (policy.MasterSlots), once on_starting has mapped them."""
+    from parallel_render import balance, policy
+
+    return [t for t in (policy.pages_in_flight.node, balance.node_requests) if t is not None]
 
 
 def _become_supervisor(server: Any) -> None:

@@ -174,21 +174,21 @@ THREAD_IDLE_SHARE = 0.05
 FAIR_IDLE_SHARE = 0.3
 
 
-class NodePages:
-    """How many pages each master of a node is rendering now: one count per master, in memory
-    the node's gunicorn arbiter maps before it forks its masters (anonymous and shared: no
-    file, and no process outside the arbiter's tree sees it). A master writes only its own
-    slot (its CPU slot, node.pre_fork); any master reads the sum.
-
-    The connections do not come to the masters evenly: at 4 connections on two masters, one
-    often has three pages and the other one. A master that took the node's pages to be its
-    own times the masters gave the crowded master's pages the smallest share of the workers,
-    when theirs are the pages that wait longest for their master (docs/dispatch.md).
+class MasterSlots:
+    """One 8-byte count per master of a node, in memory the node's gunicorn arbiter maps before
+    it forks its masters (anonymous and shared: no file, and no process outside the arbiter's
+    tree sees it). A master writes only its own slot (its CPU slot, node.pre_fork, claimed in
+    node.post_fork); the arbiter resets a slot to EMPTY when its master exits (node.child_exit).
     """
+
+    EMPTY = 0  # what a slot without a master holds
 
     def __init__(self, slots: int = 64) -> None:
         self._memory = mmap.mmap(-1, 8 * slots)  # MAP_SHARED | MAP_ANONYMOUS, zeroed
         self.counts = memoryview(self._memory).cast("q")
+        if self.EMPTY:
+            for i in range(slots):
+                self.counts[i] = self.EMPTY
         self.slot: int | None = None  # this master's, once claimed
 
     def claim(self, slot: int) -> None:
@@ -196,17 +196,27 @@ class NodePages:
         if 0 <= slot < len(self.counts):
             self.slot = slot
             self.counts[slot] = 0
-        else:  # more masters than slots: this one's pages are added by itself only
+        else:  # more masters than slots: this one publishes nothing
             self.slot = None
 
     def clear(self, slot: int) -> None:
-        """In the arbiter, a master has exited (killed mid-page, too): its pages are gone."""
+        """In the arbiter, a master has exited (killed mid-request, too): its counts are gone."""
         if 0 <= slot < len(self.counts):
-            self.counts[slot] = 0
+            self.counts[slot] = self.EMPTY
 
     def publish(self, count: int) -> None:
         if self.slot is not None:
             self.counts[self.slot] = count
+
+
+class NodePages(MasterSlots):
+    """How many pages each master of a node is rendering now; any master reads the sum.
+
+    The connections do not come to the masters evenly: at 4 connections on two masters, one
+    often has three pages and the other one. A master that took the node's pages to be its
+    own times the masters gave the crowded master's pages the smallest share of the workers,
+    when theirs are the pages that wait longest for their master (docs/dispatch.md).
+    """
 
     def total(self, here: int) -> int:
         """The node's pages in flight, `here` being this process's."""
