@@ -515,6 +515,104 @@ def test_a_master_with_more_requests_in_flight_than_another_lets_it_accept_first
     assert table.counts[0] == 0
 
 
+def test_a_request_counts_from_the_application_call_until_its_response_is_closed(monkeypatch):
+    from gunicorn.workers.gthread import ThreadWorker
+
+    from parallel_render import balance
+
+    table = balance.NodeRequests(2)
+    table.claim(0)
+    seen_at_close = []
+
+    class Response(list):  # streamed
+        def close(self) -> None:  # Django's close: request_finished and the rest
+            seen_at_close.append(table.counts[0])
+
+    def application(environ, start_response):
+        if environ.get("fail"):
+            raise RuntimeError("the view failed")
+        return environ.get("response") or Response([b"page"])
+
+    counted = balance.CountedApplication(application, table)
+    response = counted({}, None)
+    assert table.counts[0] == 1 and list(response) == [b"page"]
+    response.close()
+    assert table.counts[0] == 0 and seen_at_close == [0]  # released first, then the response's own close
+    response.close()  # released once
+    assert table.counts[0] == 0
+    with pytest.raises(RuntimeError):
+        counted({"fail": True}, None)
+    assert table.counts[0] == 0
+    whole = Response([b"page"])
+    whole.streaming = False  # a Django HttpResponse: rendered, only its writing is left
+    assert counted({"response": whole}, None) is whole and table.counts[0] == 0
+
+    # In a master: a connection counts once it is queued for a thread, before its request is
+    # read; the thread's application call adopts that count, and the response's close ends it.
+    # A file the server sends with sendfile() is returned as it is, and released when the
+    # thread's handle() is done with the connection.
+    class FileWrapper:
+        pass
+
+    class Conn:
+        pass
+
+    sent = FileWrapper()
+    monkeypatch.setattr(balance, "node_requests", table)
+    worker = balance.BalancedThreadWorker.__new__(balance.BalancedThreadWorker)
+    queued: list = []
+    monkeypatch.setattr(ThreadWorker, "enqueue_req", lambda self, conn: queued.append(conn))
+    during = []
+
+    def handle(self, conn):
+        during.append(table.counts[0])
+        response = counted(conn.environ, None)
+        during.append(table.counts[0])
+        if not isinstance(response, FileWrapper):
+            response.close()
+        during.append(table.counts[0])
+        return True
+
+    monkeypatch.setattr(ThreadWorker, "handle", handle)
+    page, file = Conn(), Conn()
+    page.environ, file.environ = {}, {"wsgi.file_wrapper": FileWrapper, "response": sent}
+    for conn in (page, file):
+        worker.enqueue_req(conn)
+    assert table.counts[0] == 2  # two connections queued, no request read yet
+    assert worker.handle(page) is True and during == [2, 2, 1] and table.counts[0] == 1
+    assert worker.handle(file) is True and during[3:] == [1, 1, 1] and table.counts[0] == 0
+    assert worker.handle(page) is True and during[6:] == [0, 1, 0]  # a kept-alive request counts anew
+
+
+def test_a_busier_master_accepts_only_what_no_less_busy_master_took_in_time(monkeypatch):
+    import socket
+
+    from gunicorn.workers.gthread import ThreadWorker
+
+    from parallel_render import balance
+
+    table = balance.NodeRequests(2)
+    table.claim(0)
+    table.counts[1] = 0  # another master, idle
+    table.change(1)  # this one serves a request
+    accepted = []
+    monkeypatch.setattr(ThreadWorker, "accept", lambda self, listener: accepted.append(listener.accept()[0]))
+    monkeypatch.setattr(balance, "node_requests", table)
+    worker = balance.BalancedThreadWorker.__new__(balance.BalancedThreadWorker)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        address = listener.getsockname()
+        with socket.create_connection(address), socket.create_connection(address):
+            time.sleep(0.05)
+            listener.accept()[0].close()  # the idle master took the first connection
+            started = time.monotonic()
+            worker.accept(listener)  # so this master accepts the second, after waiting for it
+            assert time.monotonic() - started >= balance.ACCEPT_WAIT and len(accepted) == 1
+            accepted.pop().close()
+            assert worker.accept(listener) is None and not accepted  # none waits: nothing to accept
+    table.change(-1)
+
+
 def test_a_page_that_holds_its_share_leaves_the_rest_of_the_workers_to_the_pages_beside_it(
     unix_workers, cpu, monkeypatch
 ):
@@ -610,6 +708,50 @@ def test_with_the_cpus_busy_blocks_render_in_place(unix_workers, cpu):
     response = client.get("/p/cpu_bound/?ms=15")
     assert response.content == serial.content and block_pids(response)
     router.close()
+
+
+def test_with_a_page_for_every_cpu_blocks_that_compute_stay_and_blocks_that_wait_go(
+    unix_workers, cpu, monkeypatch
+):
+    from django.template.loader import get_template
+
+    client = Client()
+    for _ in range(3):  # measured in workers: one computes, the other sleeps
+        client.get("/p/cpu_bound/?ms=15")
+        client.get("/p/takeback/?sleep=0.03")
+    with serially():
+        serial = {path: client.get(path).content for path in ("/p/cpu_bound/?ms=15", "/p/takeback/?sleep=0.03")}
+    # Two CPUs (the cpu fixture), and with this page two on the node: one in another master.
+    node = policy.NodePages(2)
+    node.claim(0)
+    node.counts[1] = 1
+    monkeypatch.setattr(policy.pages_in_flight, "node", node)
+    cpu.left_idle(policy.FAIR_IDLE_SHARE / 2)  # busy, with room enough for any block to be sent
+    (block,) = parallel_nodes(get_template("t/cpu_bound.html").template).values()
+    (sleeper,) = parallel_nodes(get_template("t/takeback.html").template).values()
+    for each in (block, sleeper):
+        each.here_cpu_ms = each.sent_cpu_ms  # as cheap here as there: sent whenever a tenth is idle
+    computes = client.get("/p/cpu_bound/?ms=15")  # each page counts itself in its master's slot
+    waits = client.get("/p/takeback/?sleep=0.03")
+    assert computes.content == serial["/p/cpu_bound/?ms=15"] and waits.content == serial["/p/takeback/?sleep=0.03"]
+    assert {(r.outcome, r.reason) for r in blocks_of(computes)} == {("inline", "every CPU has a page")}
+    # The blocks that wait are not kept for it (past the page's share of the two workers,
+    # they wait in block threads of the master).
+    assert "sent" in {r.outcome for r in blocks_of(waits)}
+    assert all(r.reason != "every CPU has a page" for r in blocks_of(waits))
+
+    def goes() -> bool:
+        """Whether the page's blocks go to the workers (those no worker started in time, the
+        page takes back)."""
+        block.here_cpu_ms = block.sent_cpu_ms  # as cheap here as there: sent whenever a tenth is idle
+        records = blocks_of(client.get("/p/cpu_bound/?ms=15"))
+        return "sent" in {r.outcome for r in records} and all(r.reason != "every CPU has a page" for r in records)
+
+    node.counts[1] = 0  # alone on the node: a CPU is its own, and its blocks go
+    assert goes()
+    node.counts[1] = 1
+    cpu.left_idle(policy.FAIR_IDLE_SHARE + 0.05)  # two pages, but their CPUs often idle
+    assert goes()
 
 
 def test_no_page_gets_another_requests_blocks_while_masters_take_blocks_back(parallel, adaptive):

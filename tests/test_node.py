@@ -294,6 +294,21 @@ def test_a_new_connection_goes_to_the_master_with_fewer_requests_in_flight(node)
     assert apart >= 17, apart
 
 
+def test_a_master_counts_a_request_only_until_its_last_byte_is_written(node):
+    """Requests one after another beside a slow one: each new connection arrives while the
+    thread that served the one before is still closing it (50 ms here), and still goes to that
+    master."""
+    first: list[dict] = []
+    slow = threading.Thread(target=lambda: first.append(json.loads(node.get("/pages_on_node/?sleep=3")[1])))
+    slow.start()
+    time.sleep(0.3)
+    quick = [json.loads(node.get("/pages_on_node/?linger=0.05")[1])["pid"] for _ in range(20)]
+    slow.join(60)
+    # Counted until its thread was done, a quick request's master looked as busy as the slow
+    # one's to the next connection, and about half of them went there.
+    assert sum(pid == first[0]["pid"] for pid in quick) <= 2, (first, quick)
+
+
 def test_a_killed_worker_is_logged_by_its_signal_and_replaced(node):
     victim = node.workers()[0]
     os.kill(victim, signal.SIGKILL)

@@ -160,7 +160,8 @@ def outstanding(request):
 
 
 def pages_on_node(request):
-    """After ?sleep= seconds: this process's pid and the pages in flight in it and on its node."""
+    """After ?sleep= seconds: this process's pid and the pages in flight in it and on its node
+    (and the response's close takes ?linger= seconds)."""
     import os
     import time
 
@@ -169,5 +170,9 @@ def pages_on_node(request):
     from parallel_render import policy
 
     time.sleep(float(request.GET.get("sleep", "0")))
-    return JsonResponse({"pid": os.getpid(), "here": policy.pages_in_flight.count,
-                         "node": policy.pages_in_flight.on_node()})
+    response = JsonResponse({"pid": os.getpid(), "here": policy.pages_in_flight.count,
+                             "node": policy.pages_in_flight.on_node()})
+    linger = float(request.GET.get("linger", "0"))
+    if linger:  # the thread goes on after the last byte, as while request_finished's receivers run
+        response._resource_closers.append(lambda: time.sleep(linger))
+    return response
