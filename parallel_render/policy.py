@@ -272,6 +272,17 @@ def holds_its_share(load: RouterLoad | None, out: Callable[[], int]) -> bool:
     return out() >= share_of_workers(load.workers, pages)
 
 
+def every_cpu_has_a_page() -> bool:
+    """Whether the node has at least as many pages in flight as CPUs while the CPUs are busy
+    (less than FAIR_IDLE_SHARE of their time idle). A block that computes more than it waits
+    is then done no sooner in a worker: each page already has a CPU, and its blocks sent
+    would take their CPU from the pages beside it, whose tail grows, while the idle time
+    they leave as they finish unevenly lets the next pages send theirs (docs/dispatch.md)."""
+    if cpu_room.has_room(FAIR_IDLE_SHARE):
+        return False
+    return pages_in_flight.on_node() >= cpu_room.cores
+
+
 def should_send(
     load: RouterLoad | None, cost_ms: float | None, nested: bool = False, here_cpu_ms: float | None = None,
     sent_cpu_ms: float | None = None,

@@ -116,6 +116,8 @@ class ParallelNode(Node):
         load = current.client.load()
         if not policy.should_send(load, self.cost_ms, current.nested, self.here_cpu_ms, self.sent_cpu_ms):
             return "every CPU busy" if self.cpu_busy() else "no idle worker"
+        if not current.nested and not self.waits() and policy.every_cpu_has_a_page():
+            return "every CPU has a page"
         if not current.nested and policy.holds_its_share(load, current.blocks_out):
             return "its page holds its share of the workers"
         return None
