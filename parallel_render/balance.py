@@ -12,10 +12,11 @@ the server closes it, once its last byte is written). So a master that has just 
 connection is busy to the next one before a thread has read the request, and a client that
 opens its next connection on reading the last byte finds the master that served it free,
 though a thread still writes the response and finishes the request (access log,
-request_finished, closing the socket). A master with more requests in flight than another waits before it accepts, up to
-ACCEPT_WAIT, while the connection is still there and another master is still less busy: the
-less busy master, woken by the same connection, takes it meanwhile. If nobody did, the busier
-master accepts it then, so a connection waits at most that long.
+request_finished, closing the socket). A master with more requests in flight than another
+waits before it accepts, up to ACCEPT_WAIT, while the connection is still there and another
+master is still less busy: the less busy master, woken by the same connection, takes it
+meanwhile. If nobody did, the busier master accepts it then, so a connection waits at most
+that long.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from parallel_render.policy import MasterSlots
 # How long a busier master leaves a new connection to a less busy one, at most, and how often
 # it looks whether that one took it. A less busy master's main thread may be closing the
 # connection it has just answered (gunicorn drains the socket until the client closes it) or
-# waiting for a CPU; on the development VM it took the connection within 2 ms in 98 cases of 100.
+# waiting for a CPU. On the development VM, with a fixed wait of 2 ms, it had taken the
+# connection by then in 98 cases of 100.
 ACCEPT_WAIT = 0.004
 ACCEPT_POLL = 0.0005
 
