@@ -73,7 +73,7 @@ node_requests: NodeRequests | None = None
 
 
 class InFlight:
-    """One request counted in a NodeRequests table until release() (once, whoever calls it)."""
+    """One request counted in a NodeRequests table until release() (a second release does nothing)."""
 
     __slots__ = ("_table",)
 
