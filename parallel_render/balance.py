@@ -146,14 +146,15 @@ class CountedApplication:
         return ClosingResponse(response, flight)
 
 
-def _still_waiting(listener: Any) -> bool:
-    """Whether a connection still waits on the listening socket (nobody accepted it yet)."""
+def _waiting_connections(listener: Any) -> Callable[[], bool] | None:
+    """A check of whether a connection still waits on the listening socket (nobody accepted it
+    yet), polling it without blocking; None where it cannot be polled (no poll(), not a socket)."""
     try:
         poller = select.poll()
         poller.register(listener.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
-    except (AttributeError, OSError, ValueError):  # no poll(), or not a socket: keep waiting
-        return True
+    except (AttributeError, OSError, ValueError):
+        return None
+    return lambda: bool(poller.poll(0))
 
 
 class BalancedThreadWorker(ThreadWorker):
@@ -169,10 +170,11 @@ class BalancedThreadWorker(ThreadWorker):
         # gunicorn 23 and earlier call accept(server, listener), later ones accept(listener).
         table = node_requests
         if table is not None and table.busier_than_another():
+            waiting = _waiting_connections(args[-1])
             until = time.monotonic() + ACCEPT_WAIT
             while True:
                 time.sleep(ACCEPT_POLL)
-                if not _still_waiting(args[-1]):
+                if waiting is not None and not waiting():
                     return None  # a less busy master took it
                 if time.monotonic() >= until or not table.busier_than_another():
                     break
