@@ -164,7 +164,9 @@ def clear_config(**kwargs: Any) -> None:
 def worker_count() -> int:
     workers = get_config()["WORKERS"]
     if workers is None:
-        return os.cpu_count() or 1
+        from parallel_render.cpus import this_process
+
+        return this_process().cores
     return workers
 
 

@@ -9,9 +9,10 @@ on other sizes, with four workers to each worker core (blocks mostly wait on I/O
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from parallel_render.cpus import this_process
 
 logger = logging.getLogger("parallel_render")
 
@@ -70,7 +71,15 @@ def plan(cpus: Sequence[int] | int | None = None, masters: int | None = None, wo
     extra processes share their group's cores round-robin.
     """
     if cpus is None:
-        cpus = usable_cpus()
+        share = this_process()
+        if share.quota_binds:
+            # The cgroup allows less time than its CPUs have: plan for that many, unpinned
+            # (pinning would only choose which of them throttle).
+            counted = plan(share.cores, masters, workers)
+            return Layout(share.cpus, counted.masters, counted.workers, notes=counted.notes,
+                          reason=f"{share.describe()}: planned for {_n(share.cores, 'CPU')}, "
+                          "processes are left to the scheduler")
+        cpus = share.cpus
     elif isinstance(cpus, int):
         cpus = range(cpus)
     ids = tuple(sorted(cpus))
@@ -116,10 +125,7 @@ def unpinned(layout: Layout, reason: str) -> Layout:
 
 def usable_cpus() -> tuple[int, ...]:
     """The CPUs this process may run on (a container's cpuset, not the host's count)."""
-    try:
-        return tuple(sorted(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return tuple(range(os.cpu_count() or 1))
+    return this_process().cpus
 
 
 _pinning_failed = False

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from parallel_render import cpus
 from parallel_render.client import RouterLoad
 
 # Blocks cheaper than this (by their measured cost) travel together, several to a job (a
@@ -38,30 +39,43 @@ class CpuRoom:
     it in place. When the CPUs are busy, that CPU comes out of the pages being served, and
     the node serves fewer of them than plain Django would.
 
-    /proc/uptime's second field is the idle time summed over the CPUs (10 ms resolution). Its
-    share of the CPUs' time between reads at least SAMPLE_EVERY apart, averaged over the last
-    MEMORY seconds (one read shared by the process's threads, a pread on a descriptor kept
-    open), is what the machine left unused: has_room(share) says whether that is at least
-    share. The kernel counts idle time whoever reads it and whenever: a count of runnable
-    tasks (/proc/loadavg), which this replaced, is read by a master thread while it runs,
-    sees the machine only at such moments, and reported no room at a load that left a fifth
-    of the CPU time idle.
+    The counter of unused CPU time is the one that fits where this process runs
+    (parallel_render.cpus: /proc/uptime's idle time on the whole machine, the idle time of a
+    cpuset's CPUs, or what a cgroup's quota left unused). Its share of the CPUs' time between
+    reads at least SAMPLE_EVERY apart, averaged over the last MEMORY seconds (one read shared
+    by the process's threads, a pread on a descriptor kept open), is what the machine left
+    unused: has_room(share) says whether that is at least share. The kernel counts idle time
+    whoever reads it and whenever: a count of runnable tasks (/proc/loadavg), which this
+    replaced, is read by a master thread while it runs, sees the machine only at such
+    moments, and reported no room at a load that left a fifth of the CPU time idle.
     """
 
     SAMPLE_EVERY = 0.01
     MEMORY = 0.1  # seconds
 
-    def __init__(self, cores: int | None = None, path: str = "/proc/uptime",
+    def __init__(self, counter: cpus.IdleCounter | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.cores = cores or os.cpu_count() or 1
-        self.path = path
+        self._counter = counter
+        self._cores: int | None = None
         self.clock = clock
         self.idle: float | None = None  # the moving average; None: not known (yet, or here)
-        self._fd: int | None = None
         self._idle_seconds = 0.0  # at _read_at
         self._read_at: float | None = None
         self._lock = threading.Lock()
         self._broken = False
+
+    @property
+    def counter(self) -> cpus.IdleCounter:
+        if self._counter is None:
+            self._counter = cpus.this_process().idle_counter(self.clock)
+        return self._counter
+
+    @property
+    def cores(self) -> int:
+        """The CPUs' worth of time this process's node may use, in whole CPUs."""
+        if self._cores is None:
+            self._cores = max(1, math.ceil(round(self.counter.cores, 6)))
+        return self._cores
 
     def sample(self) -> float | None:
         """The moving average of the share of CPU time left idle, read again when the last
@@ -72,18 +86,17 @@ class CpuRoom:
         try:
             if self._read_at is not None and now - self._read_at < self.SAMPLE_EVERY:
                 return self.idle
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            idle_seconds = float(os.pread(self._fd, 64, 0).split()[1])
+            counter = self.counter
+            idle_seconds = counter.read()
             previous_at, previous = self._read_at, self._idle_seconds
             self._read_at, self._idle_seconds = now, idle_seconds
             if previous_at is not None:
                 elapsed = now - previous_at
-                unused = min(1.0, max(0.0, (idle_seconds - previous) / (elapsed * self.cores)))
+                unused = min(1.0, max(0.0, (idle_seconds - previous) / (elapsed * counter.cores)))
                 weight = 1.0 if self.idle is None else 1.0 - math.exp(-elapsed / self.MEMORY)
                 self.idle = unused if self.idle is None else self.idle + weight * (unused - self.idle)
             return self.idle
-        except (OSError, IndexError, ValueError):
+        except (OSError, IndexError, ValueError, StopIteration):
             self._broken = True  # not Linux, or no /proc: the CPU is not a reason to keep a block
             self.idle = None
             return None

@@ -16,7 +16,7 @@ import pytest
 from django.template import Template
 from django.test import Client
 
-from parallel_render import conf, policy
+from parallel_render import conf, cpus, policy
 from parallel_render import protocol as p
 from parallel_render.client import RouterClient, RouterLoad, open_connection
 from parallel_render.cluster import LocalCluster
@@ -44,7 +44,7 @@ def cpu(tmp_path, monkeypatch):
             idle_seconds[0] += share * room.cores
         path.write_text(f"{now[0]:.2f} {idle_seconds[0]:.2f}\n")
 
-    room = policy.CpuRoom(cores=2, path=str(path), clock=lambda: now[0])
+    room = policy.CpuRoom(cpus.UptimeIdle(str(path), cores=2), clock=lambda: now[0])
     room.now = now
     room.left_idle = left_idle
     left_idle(1.0)
@@ -93,7 +93,7 @@ def test_the_idle_share_is_read_from_proc_uptime_and_averaged(cpu):
     assert cpu.has_room(0.4) and not cpu.has_room(0.6)
     # Reads closer together than SAMPLE_EVERY share one; a later one moves the average toward
     # what it saw, the more the longer since the last one.
-    with open(cpu.path, "w") as f:
+    with open(cpu.counter.path, "w") as f:
         f.write(f"{cpu.now[0] + 0.02:.2f} {cpu._idle_seconds:.2f}\n")  # 20 ms, none of it idle
     cpu.now[0] += cpu.SAMPLE_EVERY / 2
     assert cpu.sample() == pytest.approx(0.5)
@@ -102,7 +102,7 @@ def test_the_idle_share_is_read_from_proc_uptime_and_averaged(cpu):
     assert cpu.sample() == pytest.approx(0.5 + weight * (0.0 - 0.5))
     cpu.left_idle(0.0)  # a while of busy CPUs: the past is forgotten
     assert cpu.sample() == pytest.approx(0.0, abs=0.01)
-    assert policy.CpuRoom(path="/nonexistent/uptime").has_room(1.0)  # unreadable: never a reason
+    assert policy.CpuRoom(cpus.UptimeIdle("/nonexistent/uptime")).has_room(1.0)  # unreadable: never a reason
 
 
 def test_the_real_proc_uptime_gives_a_share():

@@ -46,6 +46,7 @@ from xml.sax.saxutils import escape
 from parallel_render.bench import need_psutil
 from parallel_render.bench.capacity import _Fetcher
 from parallel_render.bench.stats import ratio_interval, summary, table
+from parallel_render.cpus import this_process
 from parallel_render.process import die_with_parent
 
 HELP = "a real node under load: throughput and p50/p99, serial vs parallel interleaved, per concurrency level"
@@ -248,7 +249,7 @@ class Wrk:
             f.write(WRK_SCRIPT)
         self.header = header
         self.timeout = timeout
-        self.threads_cap = max(1, min(4, (os.cpu_count() or 2) // 2))  # leave the cores to the node
+        self.threads_cap = max(1, min(4, this_process().cores // 2))  # leave the cores to the node
 
     def threads(self, concurrency: int) -> int:
         return min(concurrency, self.threads_cap)
