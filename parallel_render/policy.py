@@ -285,6 +285,20 @@ def holds_its_share(load: RouterLoad | None, out: Callable[[], int]) -> bool:
     return out() >= share_of_workers(load.workers, pages)
 
 
+def holds_its_threads(threads: int, in_threads: Callable[[], int]) -> bool:
+    """Whether a page with in_threads() blocks in its master's `threads` block threads already
+    holds its share of them (the threads over this master's pages in flight), while the CPUs
+    are busy enough for that to matter (FAIR_IDLE_SHARE). in_threads is called only then.
+
+    As with the workers: without it, the first page to keep its blocks takes every thread,
+    the pages beside it wait in their blocks one after another, and theirs set the tail
+    (docs/dispatch.md)."""
+    pages = pages_in_flight.count
+    if pages <= 1 or cpu_room.has_room(FAIR_IDLE_SHARE):
+        return False
+    return in_threads() >= share_of_workers(threads, pages)
+
+
 def every_cpu_has_a_page() -> bool:
     """Whether the node has at least as many pages in flight as CPUs while the CPUs are busy
     (less than FAIR_IDLE_SHARE of their time idle). A block that computes more than it waits

@@ -96,6 +96,10 @@ class RenderSession:
         not gathered yet."""
         return sum(1 for f in self.fragments[self.resolved:] if f.job_id) + len(self.bundle)
 
+    def blocks_in_threads(self) -> int:
+        """This page's blocks in the master's block threads (threads.py), not finished yet."""
+        return sum(1 for f in self.fragments[self.resolved:] if f.local is not None and not f.local.done())
+
     def add_to_bundle(self, pending: Pending, body: bytes, cost_ms: float, full_ms: float) -> None:
         """Add a cheap block to the open bundle; send the bundle once it holds full_ms of work
         (or half the largest job the client may send)."""

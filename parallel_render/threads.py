@@ -8,8 +8,9 @@ the waits of a page's blocks overlap, and the block costs the node no more CPU t
 rendering it in place (no router, no other process's cold caches), only the encoding and
 decoding of its values. docs/dispatch.md has the reasoning and the measurements.
 
-A block goes to a thread only while the CPUs have time to spare (policy.THREAD_IDLE_SHARE)
-and one is free (submit() returns None otherwise and the block renders in place), so nothing
+A block goes to a thread only while the CPUs have time to spare (policy.THREAD_IDLE_SHARE),
+its page does not hold its share of the threads already (policy.holds_its_threads), and one
+is free (submit() returns None otherwise and the block renders in place), so nothing
 queues here for long; a block not yet started when its
 page wants it back is taken back (Future.cancel(), which succeeds exactly when no thread has
 started it) and rendered by the page's thread.

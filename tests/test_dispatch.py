@@ -464,6 +464,57 @@ def test_with_busy_cpus_a_page_keeps_out_only_its_share_of_the_workers(cpu, monk
         assert policy.holds_its_share(eight, lambda: 4) and not policy.holds_its_share(eight, lambda: 3)
 
 
+def test_with_busy_cpus_a_page_keeps_in_threads_only_its_share_of_its_masters_threads(cpu, monkeypatch):
+    monkeypatch.setattr(policy.pages_in_flight, "node", None)
+
+    def never() -> int:
+        raise AssertionError("a page's blocks in threads are counted only when its share matters")
+
+    cpu.left_idle(0.0)
+    with policy.pages_in_flight:  # the master's only page takes every thread
+        assert not policy.holds_its_threads(4, never)
+        with policy.pages_in_flight, policy.pages_in_flight, policy.pages_in_flight:  # 4 pages: a thread each
+            assert policy.holds_its_threads(4, lambda: 1) and not policy.holds_its_threads(4, lambda: 0)
+            cpu.left_idle(policy.FAIR_IDLE_SHARE + 0.05)  # idle CPU: a page takes what is free
+            assert not policy.holds_its_threads(4, never)
+            cpu.left_idle(0.0)
+        with policy.pages_in_flight:  # 2 pages: two threads each
+            assert policy.holds_its_threads(4, lambda: 2) and not policy.holds_its_threads(4, lambda: 1)
+
+
+def test_beside_other_pages_of_its_master_a_page_renders_one_block_at_a_time_in_threads(unix_workers, cpu, monkeypatch):
+    monkeypatch.setattr(policy.pages_in_flight, "node", None)
+    client = Client()
+    router = RouterClient(unix_workers.address)
+    client.get("/p/slow/?sleep=0.4")
+    for _ in range(2):  # each block costs 100 ms, nearly all of it asleep: it waits
+        client.get("/p/takeback/?sleep=0.1")
+    with serially():
+        serial = client.get("/p/takeback/?sleep=0.1")
+    busy = thread(lambda: Client().get("/p/slow/?sleep=1.5"))
+    busy.start()
+    try:
+        wait_for(lambda: router.load().idle == 0)  # every worker busy: the blocks are kept
+        # The CPUs are busy enough for shares to matter, not for threads to be refused, and
+        # three other pages are in flight in this master: the page's share is one of its 4
+        # threads.
+        cpu.left_idle((policy.THREAD_IDLE_SHARE + policy.FAIR_IDLE_SHARE) / 2)
+        with policy.pages_in_flight, policy.pages_in_flight, policy.pages_in_flight:
+            response = client.get("/p/takeback/?sleep=0.1")
+    finally:
+        busy.join(30)
+        router.close()
+    assert response.content == serial.content
+    records = blocks_of(response)
+    in_threads = [r for r in records if r.reason.endswith(": rendered in a thread of the master")]
+    in_place = [r for r in records if r.outcome == "inline" and r not in in_threads]
+    assert len(in_threads) + len(in_place) + len(rescued(response)) == 4, [(r.outcome, r.reason) for r in records]
+    assert in_threads and in_place, [(r.outcome, r.reason) for r in records]
+    # Its blocks in threads ran one after another: never two of its threads at once.
+    spans = sorted((r.render_start_ms, r.render_start_ms + r.render_ms) for r in in_threads)
+    assert all(later[0] >= earlier[1] - 1.0 for earlier, later in itertools.pairwise(spans)), spans
+
+
 def test_the_masters_of_a_node_count_each_others_pages_in_shared_memory():
     # As in a node: the counts are mapped, then a master is forked (in a fresh interpreter with
     # one thread, as gunicorn's arbiter is), claims its slot and publishes its pages.
@@ -644,12 +695,13 @@ def test_a_page_that_holds_its_share_leaves_the_rest_of_the_workers_to_the_pages
     assert [r.outcome for r in records].count("sent") == 1
     kept = [r for r in records if r.outcome != "sent"]
     assert len(kept) == 3
-    # Kept, they wait in the master's block threads, as any kept block that waits would (or,
-    # not started when the page was done, are taken back by the page's own thread).
-    in_threads = [r for r in kept if r.outcome == "inline"]
-    why = "its page holds its share of the workers: rendered in a thread of the master"
-    assert in_threads and all(r.reason == why for r in in_threads), kept
-    assert all(r.outcome == "inline" or r.reason == "taken back" for r in kept)
+    # Kept, they wait in the master's block threads, as any kept block that waits would, up
+    # to the page's share of them (2 of the 4 for the master's two pages); the rest render in
+    # place (or, not started when the page was done, are taken back by the page's own thread).
+    why = "its page holds its share of the workers"
+    in_threads = [r for r in kept if r.reason == f"{why}: rendered in a thread of the master"]
+    assert 1 <= len(in_threads) <= 2, kept
+    assert all(r.reason in (why, f"{why}: rendered in a thread of the master", "taken back") for r in kept), kept
 
 
 def test_a_block_goes_to_a_master_thread_only_when_it_sleeps_at_least_as_long_as_it_computes():

@@ -162,7 +162,8 @@ class ParallelNode(Node):
             pool = (None if current.nested or current.streaming or not self.waits()
                     or not policy.cpu_room.has_room(policy.THREAD_IDLE_SHARE)
                     else threads.block_threads(config["MASTER_THREADS"]))
-            if pool is None or pool.busy() >= pool.size:
+            if (pool is None or pool.busy() >= pool.size
+                    or policy.holds_its_threads(pool.size, current.blocks_in_threads)):
                 return self._render_measured(current, context, why)
             kept = why
         else:
