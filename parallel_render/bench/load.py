@@ -321,17 +321,18 @@ class Node:
             return kinds
         for child in children:
             self.seen.add(child.pid)
-            try:
+            try:  # a child may exit between the listing and these reads
                 if child.status() == psutil.STATUS_ZOMBIE:
                     continue
                 cmd = child.cmdline()
+                parent = child.ppid()
             except psutil.Error:
                 continue
             if cmd and "fastrouter" in os.path.basename(cmd[0]):
                 kinds["router"].append(child.pid)
             elif "parallel_worker" in cmd:
                 kinds["workers"].append(child.pid)
-            elif child.ppid() != self.proc.pid:  # gunicorn's workers; not its arbiter, our child
+            elif parent != self.proc.pid:  # gunicorn's workers; not its arbiter, our child
                 kinds["masters"].append(child.pid)
         return kinds
 
