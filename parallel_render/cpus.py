@@ -23,6 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def whole_cpus(capacity: float) -> int:
+    """A capacity in whole CPUs (a quota of 1.5 CPUs is 2: both can be running at once)."""
+    return max(1, math.ceil(round(capacity, 6)))
+
+
 @dataclass(frozen=True)
 class CpuShare:
     cpus: tuple[int, ...]  # the CPUs this process may run on
@@ -42,8 +47,7 @@ class CpuShare:
 
     @property
     def cores(self) -> int:
-        """The capacity in whole CPUs (a quota of 1.5 CPUs is 2: both can be running at once)."""
-        return max(1, math.ceil(round(self.capacity, 6)))
+        return whole_cpus(self.capacity)
 
     def describe(self) -> str:
         text = f"{len(self.cpus)} of the machine's {self.host_cpus} CPUs"
@@ -153,24 +157,26 @@ def this_process(proc: str = "/proc", affinity: tuple[int, ...] | None = None,
         groups = _cgroup_dirs(proc)
     except (OSError, ValueError):
         return CpuShare(affinity, host)
-    quota, source, usage = None, "", None
-    if "cpu" in groups:  # cgroup v1 (the cpu controller's hierarchy)
-        leaf, top = groups["cpu"]
-        for directory in _up(leaf, top):
-            limit = _v1_quota(directory)
-            if limit is not None and (quota is None or limit < quota):
-                quota, source = limit, str(directory / "cpu.cfs_quota_us")
-        if "cpuacct" in groups and (groups["cpuacct"][0] / "cpuacct.usage").exists():
-            usage = str(groups["cpuacct"][0] / "cpuacct.usage")
+    if "cpu" in groups:  # cgroup v1 (the cpu controller's hierarchy; usage in cpuacct's)
+        quota, source = _smallest_quota(*groups["cpu"], _v1_quota, "cpu.cfs_quota_us")
+        usage = groups["cpuacct"][0] / "cpuacct.usage" if "cpuacct" in groups else None
     elif "" in groups:  # cgroup v2
-        leaf, top = groups[""]
-        for directory in _up(leaf, top):
-            limit = _v2_quota(directory)
-            if limit is not None and (quota is None or limit < quota):
-                quota, source = limit, str(directory / "cpu.max")
-        if (leaf / "cpu.stat").exists():
-            usage = str(leaf / "cpu.stat")
-    return CpuShare(affinity, host, quota, source, usage)
+        quota, source = _smallest_quota(*groups[""], _v2_quota, "cpu.max")
+        usage = groups[""][0] / "cpu.stat"
+    else:
+        return CpuShare(affinity, host)
+    return CpuShare(affinity, host, quota, source, str(usage) if usage is not None and usage.exists() else None)
+
+
+def _smallest_quota(leaf: Path, top: Path, read: Callable[[Path], float | None],
+                    name: str) -> tuple[float | None, str]:
+    """The smallest quota from `leaf` up to `top`, and the file that set it."""
+    quota, source = None, ""
+    for directory in _up(leaf, top):
+        limit = read(directory)
+        if limit is not None and (quota is None or limit < quota):
+            quota, source = limit, str(directory / name)
+    return quota, source
 
 
 def _cgroup_dirs(proc: str) -> dict[str, tuple[Path, Path]]:

@@ -74,7 +74,7 @@ class CpuRoom:
     def cores(self) -> int:
         """The CPUs' worth of time this process's node may use, in whole CPUs."""
         if self._cores is None:
-            self._cores = max(1, math.ceil(round(self.counter.cores, 6)))
+            self._cores = cpus.whole_cpus(self.counter.cores)
         return self._cores
 
     def sample(self) -> float | None:

@@ -389,14 +389,20 @@ def test_a_block_that_would_only_wait_renders_in_place_without_being_sent(unix_w
     assert not block_pids(response) and not rescued(response)
 
 
+def measured_blocks_that_wait(client: Client):
+    """The router's jobs measured at 400 ms and the takeback page's blocks at 100 ms, nearly all
+    of it asleep (they wait); the page rendered serially."""
+    client.get("/p/slow/?sleep=0.4")
+    for _ in range(2):
+        client.get("/p/takeback/?sleep=0.1")
+    with serially():
+        return client.get("/p/takeback/?sleep=0.1")
+
+
 def test_blocks_that_wait_and_stay_in_the_master_wait_together_in_its_threads(unix_workers, blocks):
     client = Client()
     router = RouterClient(unix_workers.address)
-    client.get("/p/slow/?sleep=0.4")
-    for _ in range(2):  # each block costs 100 ms, nearly all of it asleep: it waits
-        client.get("/p/takeback/?sleep=0.1")
-    with serially():
-        serial = client.get("/p/takeback/?sleep=0.1")
+    serial = measured_blocks_that_wait(client)
     try:
         response, sent = while_every_worker_is_busy(client, router, "/p/takeback/?sleep=0.1", busy_for=1.5)
     finally:
@@ -486,11 +492,7 @@ def test_beside_other_pages_of_its_master_a_page_renders_one_block_at_a_time_in_
     monkeypatch.setattr(policy.pages_in_flight, "node", None)
     client = Client()
     router = RouterClient(unix_workers.address)
-    client.get("/p/slow/?sleep=0.4")
-    for _ in range(2):  # each block costs 100 ms, nearly all of it asleep: it waits
-        client.get("/p/takeback/?sleep=0.1")
-    with serially():
-        serial = client.get("/p/takeback/?sleep=0.1")
+    serial = measured_blocks_that_wait(client)
     busy = thread(lambda: Client().get("/p/slow/?sleep=1.5"))
     busy.start()
     try:
