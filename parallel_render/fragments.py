@@ -87,9 +87,9 @@ def _local_reader(local: Any) -> Any:
     formatted with the storage's repr) that getattr's default then catches: about 3 µs, paid
     twice for every block a master sends on a site that activates no language or time zone.
     The reader reads the same context variable directly, holding to asgiref's rule that a
-    value stored by another thread is not this thread's (asgiref 3.9 and later tag it with
-    the thread; earlier ones keep a plain dict). Whatever it does not recognise is _UNKNOWN,
-    and the caller asks Django as usual.
+    value stored by another thread is not this thread's (recent asgiref versions tag the
+    storage with its thread; 3.8 keeps a plain dict). Whatever it does not recognise is
+    _UNKNOWN, and the caller asks Django as usual.
     """
     storage = vars(local).get("_storage") if hasattr(local, "__dict__") else None
     var = vars(storage).get("_data") if hasattr(storage, "__dict__") else None

@@ -82,7 +82,7 @@ def test_a_thread_reads_its_own_state_not_the_one_that_started_it():
     plain.join()
     # A thread that starts with a copy of the context (Python 3.14's thread_inherit_context,
     # on by default in free-threaded builds). What it sees depends on asgiref's version
-    # (3.9 and later keep a value to the thread that set it); the read must see the same.
+    # (recent ones keep a value to the thread that set it); the read must see the same.
     inherited = threading.Thread(target=contextvars.copy_context().run, args=(read,))
     inherited.start()
     inherited.join()
