@@ -199,3 +199,52 @@ def test_a_node_under_a_cpu_quota_reads_the_time_the_quota_leaves(quota_cgroup):
     assert seen["host_busy"] > seen["busy"] + 0.25, seen
     assert seen["quiet"] > 0.6, seen
     assert "a cgroup quota of 0.5 CPUs" in seen["layout"] and "planned for 1 CPU" in seen["layout"]
+
+
+def test_the_counter_is_read_whole_without_letting_go_of_the_interpreter_lock(tmp_path):
+    """A master reads its CPU counter every 10 ms among threads that keep the interpreter lock
+    busy: a read that let go of the lock would make its page wait for the lock to come back
+    (up to the switch interval) each time."""
+    import threading
+
+    assert cpus._PREAD is not None  # Linux: libc's pread through ctypes.PyDLL
+    big = tmp_path / "big"
+    big.write_bytes(bytes(range(256)) * 600)  # 153,600 bytes: three chunks
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        assert cpus.read_whole(fd) == cpus.read_whole(fd, None) == big.read_bytes()
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        cpus.read_whole(fd)  # closed
+    stat = os.open("/proc/stat", os.O_RDONLY)
+    spinning = threading.Event()
+    stop = False
+
+    def spin() -> None:
+        spinning.set()
+        while not stop:
+            pass
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.2)
+    thread = threading.Thread(target=spin)
+    try:
+        thread.start()
+        spinning.wait()
+        started = time.monotonic()
+        for _ in range(50):
+            assert cpus.read_whole(stat).startswith(b"cpu ")
+        kept = time.monotonic() - started
+        started = time.monotonic()
+        for _ in range(10):
+            assert cpus.read_whole(stat, None).startswith(b"cpu ")  # os.pread lets go of it
+        let_go = time.monotonic() - started
+    finally:
+        stop = True
+        thread.join()
+        sys.setswitchinterval(interval)
+        os.close(stat)
+    # Letting go costs a read up to the spinning thread's turn (0.2 s); keeping it, nothing.
+    assert let_go >= 0.4, let_go
+    assert kept < min(0.4, let_go / 2), (kept, let_go)
