@@ -20,7 +20,7 @@ import threading
 import time
 from typing import NamedTuple
 
-from parallel_render import keys, sealing
+from parallel_render import keys, sealing, syscalls
 from parallel_render import protocol as p
 
 logger = logging.getLogger("parallel_render")
@@ -306,7 +306,12 @@ class RouterClient:
             return False
         try:
             if len(frames) == 1 or sum(len(frame) for frame in frames) < 16384:
-                sock.sendall(b"".join(frames))
+                data = b"".join(frames)
+                # Most jobs fit the socket's buffer: sent without letting go of the
+                # interpreter lock (syscalls), and only what did not fit the usual way.
+                sent = syscalls.send_now(sock, data)
+                if sent < len(data):
+                    sock.sendall(memoryview(data)[sent:])
             else:
                 _sendall_gather(sock, list(frames))
         except OSError as exc:
@@ -439,8 +444,10 @@ class RouterClient:
         try:
             ready, _, _ = select.select([sock], [], [], timeout)
             if ready:
-                data = sock.recv(1 << 18)
-                if not data:
+                data = _receive(sock)
+                if data is None:
+                    pass  # nothing had arrived after all
+                elif not data:
                     error = "the router closed the connection"
                 else:
                     frames = self._reader.feed(data)
@@ -486,6 +493,26 @@ class RouterClient:
             raise RouterUnavailable(f"no STATS answer from {self.address}")
         finally:
             sock.close()
+
+
+def _receive(sock: socket.socket) -> bytes | None:
+    """What has arrived on a socket select() found readable: b"" when the router closed it,
+    None when nothing had arrived after all. Read without letting go of the interpreter lock
+    (syscalls): the thread got it back once when select() returned, and need not wait for it
+    a second time."""
+    if not syscalls.AVAILABLE:
+        return sock.recv(1 << 18)
+    chunks: list[bytes] = []
+    while True:
+        got = syscalls.recv_now(sock)
+        if got is None:
+            break
+        if not got:
+            return b"".join(chunks)  # closed: b"" now, or after the data before it
+        chunks.append(got)
+        if len(got) < syscalls.CHUNK:
+            break
+    return b"".join(chunks) if chunks else None
 
 
 def _sendall_gather(sock: socket.socket, chunks: list[bytes]) -> None:

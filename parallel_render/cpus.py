@@ -15,14 +15,14 @@ unused time to match:
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from parallel_render.syscalls import read_whole
 
 
 def whole_cpus(capacity: float) -> int:
@@ -63,55 +63,6 @@ class CpuShare:
         if len(self.cpus) < self.host_cpus:
             return CpusIdle(self.cpus)
         return UptimeIdle(cores=len(self.cpus))
-
-
-def _locked_pread() -> Callable[..., int] | None:
-    """libc's pread(), called through ctypes.PyDLL, which keeps the interpreter lock across
-    the call; None where libc cannot be reached that way."""
-    try:
-        libc = ctypes.PyDLL(None, use_errno=True)
-        pread = libc.pread
-    except (AttributeError, OSError):
-        return None
-    pread.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long)
-    pread.restype = ctypes.c_ssize_t
-    return pread
-
-
-_PREAD = _locked_pread()
-CHUNK = 65536
-_buffer: Any = None
-
-
-def read_whole(fd: int, pread: Any = _PREAD) -> bytes:
-    """The whole of a small kernel file (/proc, cgroupfs) from its start, read without letting
-    go of the interpreter lock.
-
-    Such a read takes microseconds and never waits on a device, but os.pread() lets go of the
-    lock around it like any system call, and on a master whose other threads keep the lock busy
-    the reading thread then waits up to the switch interval (5 ms) to get it back, with its
-    page. A master reads its CPU counter every 10 ms: at 8 connections on the demo page with
-    every block kept in place, that made the node serve 0.92x the pages of plain Django; read
-    this way, 0.97x to 1.0x (docs/dispatch.md). Where ctypes cannot reach libc, os.pread().
-    """
-    global _buffer
-    chunks, offset = [], 0
-    if pread is not None and _buffer is None:
-        _buffer = ctypes.create_string_buffer(CHUNK)
-    while True:
-        if pread is not None:
-            # One buffer for every read: no other thread runs while this one holds the lock.
-            size = pread(fd, _buffer, CHUNK, offset)
-            if size < 0:
-                error = ctypes.get_errno()
-                raise OSError(error, os.strerror(error))
-            chunk = ctypes.string_at(_buffer, size)
-        else:
-            chunk = os.pread(fd, CHUNK, offset)
-        chunks.append(chunk)
-        offset += len(chunk)
-        if len(chunk) < CHUNK:
-            return b"".join(chunks)
 
 
 class IdleCounter:

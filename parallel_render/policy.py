@@ -43,7 +43,7 @@ class CpuRoom:
     (parallel_render.cpus: /proc/uptime's idle time on the whole machine, the idle time of a
     cpuset's CPUs, or what a cgroup's quota left unused). Its share of the CPUs' time between
     reads at least SAMPLE_EVERY apart, averaged over the last MEMORY seconds (one read shared
-    by the process's threads, a pread that keeps the interpreter lock: cpus.read_whole), is
+    by the process's threads, a pread that keeps the interpreter lock: syscalls.read_whole), is
     what the machine left unused: has_room(share) says whether that is at least share. The kernel counts idle time
     whoever reads it and whenever: a count of runnable tasks (/proc/loadavg), which this
     replaced, is read by a master thread while it runs, sees the machine only at such

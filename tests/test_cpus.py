@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel_render import cpus, layout
+from parallel_render import cpus, layout, syscalls
 
 
 def fake_proc(tmp_path: Path, mountinfo: list[str], cgroup: list[str]) -> str:
@@ -101,7 +101,7 @@ def test_a_quota_plans_an_unpinned_node_for_that_many_cpus(monkeypatch):
 
 PROBE = textwrap.dedent("""
     import json, os, subprocess, sys, time
-    from parallel_render import cpus, layout, policy
+    from parallel_render import cpus, layout, syscalls, policy
 
     for path in sys.argv[1:]:  # join these cgroups before anything else
         with open(os.path.join(path, "cgroup.procs"), "w") as f:
@@ -207,16 +207,16 @@ def test_the_counter_is_read_whole_without_letting_go_of_the_interpreter_lock(tm
     (up to the switch interval) each time."""
     import threading
 
-    assert cpus._PREAD is not None  # Linux: libc's pread through ctypes.PyDLL
+    assert syscalls.AVAILABLE  # Linux: libc's pread through ctypes.PyDLL
     big = tmp_path / "big"
     big.write_bytes(bytes(range(256)) * 600)  # 153,600 bytes: three chunks
     fd = os.open(big, os.O_RDONLY)
     try:
-        assert cpus.read_whole(fd) == cpus.read_whole(fd, None) == big.read_bytes()
+        assert syscalls.read_whole(fd) == syscalls.read_whole(fd, locked=False) == big.read_bytes()
     finally:
         os.close(fd)
     with pytest.raises(OSError):
-        cpus.read_whole(fd)  # closed
+        syscalls.read_whole(fd)  # closed
     stat = os.open("/proc/stat", os.O_RDONLY)
     spinning = threading.Event()
     stop = False
@@ -234,11 +234,11 @@ def test_the_counter_is_read_whole_without_letting_go_of_the_interpreter_lock(tm
         spinning.wait()
         started = time.monotonic()
         for _ in range(50):
-            assert cpus.read_whole(stat).startswith(b"cpu ")
+            assert syscalls.read_whole(stat).startswith(b"cpu ")
         kept = time.monotonic() - started
         started = time.monotonic()
         for _ in range(10):
-            assert cpus.read_whole(stat, None).startswith(b"cpu ")  # os.pread lets go of it
+            assert syscalls.read_whole(stat, locked=False).startswith(b"cpu ")  # os.pread lets go of it
         let_go = time.monotonic() - started
     finally:
         stop = True
