@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import socket
+import threading
 from typing import Any
 
 # Without waiting, and without SIGPIPE on a closed peer (an EPIPE instead).
@@ -37,15 +38,17 @@ def _libc_function(name: str, argtypes: tuple[Any, ...]) -> Any:
 _pread = _libc_function("pread", (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long))
 _send = _libc_function("send", (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int))
 _recv = _libc_function("recv", (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
-_buffer: Any = None  # one for every call: no other thread runs while one holds the lock
 AVAILABLE = None not in (_pread, _send, _recv)
+# One buffer per thread, kept: another thread may run between a call and the copy of what it
+# read (the interpreter can switch threads between any two steps).
+_local = threading.local()
 
 
-def _shared_buffer() -> Any:
-    global _buffer
-    if _buffer is None:
-        _buffer = ctypes.create_string_buffer(CHUNK)
-    return _buffer
+def _thread_buffer() -> Any:
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None:
+        buffer = _local.buffer = ctypes.create_string_buffer(CHUNK)
+    return buffer
 
 
 def _error() -> OSError:
@@ -63,7 +66,7 @@ def read_whole(fd: int, locked: bool = True) -> bytes:
     chunks, offset = [], 0
     while True:
         if locked and _pread is not None:
-            buffer = _shared_buffer()
+            buffer = _thread_buffer()
             size = _pread(fd, buffer, CHUNK, offset)
             if size < 0:
                 raise _error()
@@ -96,7 +99,7 @@ def recv_now(sock: socket.socket, size: int = CHUNK) -> bytes | None:
     usual). Raises OSError when the connection failed."""
     if _recv is None:
         return None
-    buffer = _shared_buffer()
+    buffer = _thread_buffer()
     got = _recv(sock.fileno(), buffer, min(size, CHUNK), _RECV_FLAGS)
     if got >= 0:
         return ctypes.string_at(buffer, got)

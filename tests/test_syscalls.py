@@ -4,6 +4,7 @@ usual call gives, falls back to it where it must, and does not wait for the lock
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -129,3 +130,39 @@ def test_without_libc_the_usual_calls_do_it(router, monkeypatch):
     finally:
         client.close()
         worker.close()
+
+
+def test_threads_reading_at_once_each_get_their_own_bytes(tmp_path):
+    """The interpreter may switch threads between a call and the copy of what it read: each
+    thread reads into a buffer of its own."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    wrong: list[str] = []
+
+    def reader(n: int) -> None:
+        a, b = socket.socketpair()
+        path = tmp_path / f"file{n}"
+        path.write_bytes(bytes([48 + n]) * (100 + n))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i in range(300):
+                message = b"%d:%d" % (n, i)
+                syscalls.send_now(a, message)
+                if (got := syscalls.recv_now(b)) != message:
+                    wrong.append(f"thread {n} received {got!r} for {message!r}")
+                if syscalls.read_whole(fd) != path.read_bytes():
+                    wrong.append(f"thread {n} read another file")
+        finally:
+            a.close()
+            b.close()
+            os.close(fd)
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == []
