@@ -5,10 +5,12 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from django.db import connections
@@ -122,3 +124,28 @@ def run_concurrently(fetch, clients: int = 20, rounds: int = 3, n: int = 6) -> l
         t.join()
     run_concurrently.pids = pids  # type: ignore[attr-defined]
     return bad
+
+
+@contextmanager
+def a_thread_keeping_the_lock_busy() -> Iterator[None]:
+    """Another thread running Python all along, with a 0.2 s switch interval: a call that lets
+    go of the interpreter lock waits up to that long to get it back."""
+    spinning = threading.Event()
+    stop = False
+
+    def spin() -> None:
+        spinning.set()
+        while not stop:
+            pass
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.2)
+    thread = threading.Thread(target=spin)
+    try:
+        thread.start()
+        spinning.wait()
+        yield
+    finally:
+        stop = True
+        thread.join()
+        sys.setswitchinterval(interval)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from parallel_render import cpus, layout, syscalls
+from tests.conftest import a_thread_keeping_the_lock_busy
 
 
 def fake_proc(tmp_path: Path, mountinfo: list[str], cgroup: list[str]) -> str:
@@ -205,8 +206,6 @@ def test_the_counter_is_read_whole_without_letting_go_of_the_interpreter_lock(tm
     """A master reads its CPU counter every 10 ms among threads that keep the interpreter lock
     busy: a read that let go of the lock would make its page wait for the lock to come back
     (up to the switch interval) each time."""
-    import threading
-
     assert syscalls.AVAILABLE  # Linux: libc's pread through ctypes.PyDLL
     big = tmp_path / "big"
     big.write_bytes(bytes(range(256)) * 600)  # 153,600 bytes: three chunks
@@ -218,32 +217,17 @@ def test_the_counter_is_read_whole_without_letting_go_of_the_interpreter_lock(tm
     with pytest.raises(OSError):
         syscalls.read_whole(fd)  # closed
     stat = os.open("/proc/stat", os.O_RDONLY)
-    spinning = threading.Event()
-    stop = False
-
-    def spin() -> None:
-        spinning.set()
-        while not stop:
-            pass
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.2)
-    thread = threading.Thread(target=spin)
     try:
-        thread.start()
-        spinning.wait()
-        started = time.monotonic()
-        for _ in range(50):
-            assert syscalls.read_whole(stat).startswith(b"cpu ")
-        kept = time.monotonic() - started
-        started = time.monotonic()
-        for _ in range(10):
-            assert syscalls.read_whole(stat, locked=False).startswith(b"cpu ")  # os.pread lets go of it
-        let_go = time.monotonic() - started
+        with a_thread_keeping_the_lock_busy():
+            started = time.monotonic()
+            for _ in range(50):
+                assert syscalls.read_whole(stat).startswith(b"cpu ")
+            kept = time.monotonic() - started
+            started = time.monotonic()
+            for _ in range(10):
+                assert syscalls.read_whole(stat, locked=False).startswith(b"cpu ")  # os.pread lets go of it
+            let_go = time.monotonic() - started
     finally:
-        stop = True
-        thread.join()
-        sys.setswitchinterval(interval)
         os.close(stat)
     # Letting go costs a read up to the spinning thread's turn (0.2 s); keeping it, nothing.
     assert let_go >= 0.4, let_go

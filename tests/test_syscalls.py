@@ -9,8 +9,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 
@@ -18,6 +17,7 @@ from parallel_render import protocol as p
 from parallel_render import syscalls
 from parallel_render.client import RouterClient
 from parallel_render.cluster import LocalCluster
+from tests.conftest import a_thread_keeping_the_lock_busy
 from tests.test_dispatch import EchoWorker
 
 
@@ -46,31 +46,6 @@ def test_send_and_receive_what_fits_without_waiting():
     d.close()
     assert syscalls.recv_now(c) == b""  # the peer closed
     c.close()
-
-
-@contextmanager
-def a_thread_keeping_the_lock_busy() -> Iterator[None]:
-    """Another thread running Python all along, with a 0.2 s switch interval: a call that lets
-    go of the interpreter lock waits up to that long to get it back."""
-    spinning = threading.Event()
-    stop = False
-
-    def spin() -> None:
-        spinning.set()
-        while not stop:
-            pass
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.2)
-    thread = threading.Thread(target=spin)
-    try:
-        thread.start()
-        spinning.wait()
-        yield
-    finally:
-        stop = True
-        thread.join()
-        sys.setswitchinterval(interval)
 
 
 def timed(call: Callable[[], object], times: int) -> float:
