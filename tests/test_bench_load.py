@@ -228,6 +228,19 @@ def test_a_short_run_with_the_builtin_generator(tmp_path):
     _check_run(result, tmp_path, ["io", "cpu"], [1, 2])
 
 
+def test_a_short_run_of_bursts(tmp_path):
+    # Each slice is one burst of `concurrency` requests sent together to a settled node.
+    result = _run_bench(tmp_path, "--generator", "burst", "--pages", "io", "--levels", "1,3", "--slices", "2",
+                        "--warmup", "0")
+    assert result["generator"]["name"] == "burst"
+    _check_run(result, tmp_path, ["io"], [1, 3])
+    for lv in result["pages"][0]["levels"]:
+        for mode in ("serial", "parallel"):
+            assert lv[mode]["requests"] == 2 * lv["concurrency"]
+            assert [round(s["rps"] * s["seconds"]) for s in lv[mode]["slices"]] == [lv["concurrency"]] * 2
+    assert result["node"]["settled_seconds"] > 0  # the node settled before each burst
+
+
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install -y wrk)")
 def test_a_short_run_with_wrk(tmp_path):
     result = _run_bench(tmp_path, "--generator", "wrk", "--pages", "io", "--levels", "1,2",

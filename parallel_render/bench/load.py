@@ -187,6 +187,43 @@ def builtin_slice(url: str, concurrency: int, seconds: float, headers: dict[str,
     return result
 
 
+def burst_slice(url: str, concurrency: int, headers: dict[str, str], mode: str) -> Slice:
+    """One burst: `concurrency` requests sent at once, each on a new connection (the bench has
+    let the node settle before it), and over when the last is answered."""
+    result = Slice(mode, 0.0)
+    lock = threading.Lock()
+    ready = threading.Barrier(concurrency)
+
+    def client() -> None:
+        fetcher = _Fetcher(url, {**headers, "Connection": "close"})
+        ready.wait()
+        started = time.perf_counter()
+        try:
+            status = fetcher.fetch()
+        except Exception as exc:
+            with lock:
+                result.errors += 1
+                result.first_error = result.first_error or f"{type(exc).__name__}: {exc}"
+            return
+        ms = (time.perf_counter() - started) * 1000
+        with lock:
+            if status == 200:
+                result.ok += 1
+                result.latencies_ms.append(ms)
+            else:
+                result.non200 += 1
+                result.first_error = result.first_error or f"HTTP {status}"
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
 # `wrk ... -s SCRIPT URL -- MODE HEADER CONNECTIONS`: the serial mode sends HEADER: serial;
 # CONNECTIONS "close" sends Connection: close (a connection per request). done() prints
 # one JSON line with the counts and every distinct latency (µs) with how often it was seen,
@@ -600,9 +637,14 @@ def format_result(result: dict[str, Any]) -> str:
     if node.get("layout"):
         out.append(f"layout: {node['layout']}")
     per_request = gen.get("connections", "close") == "close"
-    out.append(f"generator: {gen['description']}; closed loop, "
-               f"{'a new connection per request' if per_request else 'connections kept alive'}; per level and mode {gen['slices']} slices of "
-               f"{gen['slice_seconds']:.1f} s, interleaved, after a {gen['warmup']:g} s warm-up")
+    bursts = gen.get("name") == "burst"
+    if bursts:
+        out.append(f"generator: {gen['description']}; per level and mode {gen['slices']} bursts, interleaved"
+                   + (", after one burst per mode of warm-up" if gen["warmup"] else ""))
+    else:
+        out.append(f"generator: {gen['description']}; closed loop, "
+                   f"{'a new connection per request' if per_request else 'connections kept alive'}; per level and mode {gen['slices']} slices of "
+                   f"{gen['slice_seconds']:.1f} s, interleaved, after a {gen['warmup']:g} s warm-up")
     if node.get("settled_seconds") is not None:
         out.append(f"after each slice the bench waited for the node to finish the requests it left in flight "
                    f"({node['settled_seconds']:g} s in all)")
@@ -626,11 +668,11 @@ def format_result(result: dict[str, Any]) -> str:
         met = sum(1 for lv in page["levels"] if not lv["missed"])
         out.append(f"targets met at {met} of {len(page['levels'])} levels")
         longer = [f"{lv['concurrency']} ({lv['slice_seconds']:.1f} s)" for lv in page["levels"]
-                  if lv["slice_seconds"] > result["generator"]["slice_seconds"]]
+                  if lv["slice_seconds"] > result["generator"]["slice_seconds"] and not bursts]
         if longer:
             out.append(f"slices lengthened at concurrency {', '.join(longer)}, for {MIN_ROUNDS} requests per connection each"
                        + (f" and {result['generator']['min_requests']} per mode" if result["generator"].get("min_requests") else ""))
-        few = [str(lv["concurrency"]) for lv in page["levels"] if lv["rounds"] < MIN_ROUNDS / 2]
+        few = [str(lv["concurrency"]) for lv in page["levels"] if lv["rounds"] < MIN_ROUNDS / 2 and not bursts]
         if few:
             out.append(f"warning: at concurrency {', '.join(few)} a connection finished fewer than {MIN_ROUNDS // 2} "
                        "requests in some slice: too short for a steady state (and wrk drops the requests still "
@@ -762,7 +804,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per page and level, both modes (default 1)")
     parser.add_argument("--connections", choices=("close", "keep-alive"), default="close",
                         help="a new connection per request (close, as from a proxy), or one kept alive per client")
-    parser.add_argument("--generator", choices=("auto", "wrk", "builtin"), default="auto", help="wrk when installed (auto), or built-in threads")
+    parser.add_argument("--generator", choices=("auto", "wrk", "builtin", "burst"), default="auto",
+                        help="wrk when installed (auto), or built-in threads; burst: each slice is one burst of "
+                             "`concurrency` requests at once on a node that has settled (use --slices 30 or so)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds a request may take before it counts as an error (default 10)")
     parser.add_argument("--masters", type=int, default=None, help="passed to runparallel")
     parser.add_argument("--workers", type=int, default=None, help="passed to runparallel")
@@ -840,6 +884,14 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
             slice_fn = wrk.slice
             gen_desc = f"wrk {wrk_version(wrk_binary)} (up to {wrk.threads_cap} threads, --timeout {options['timeout']:g}s)"
             slice_seconds = float(max(1, math.ceil(options["duration"] / options["slices"] - 1e-6)))
+        elif generator == "burst":
+            burst_headers: dict[str, dict[str, str]] = {"serial": {header: "serial"}, "parallel": {}}
+
+            def slice_fn(u: str, c: int, s: float, mode: str) -> Slice:
+                return burst_slice(u, c, burst_headers[mode], mode)
+
+            gen_desc = "bursts (each slice: `concurrency` requests sent at once, a new connection each, to a node that has settled)"
+            slice_seconds = 0.0
         else:
             headers = {"serial": {header: "serial"}, "parallel": {}}
             if options["connections"] == "close":
