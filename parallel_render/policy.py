@@ -44,7 +44,8 @@ class CpuRoom:
     cpuset's CPUs, or what a cgroup's quota left unused). Its share of the CPUs' time between
     reads at least SAMPLE_EVERY apart, averaged over the last MEMORY seconds (one read shared
     by the process's threads, a pread that keeps the interpreter lock: syscalls.read_whole), is
-    what the machine left unused: has_room(share) says whether that is at least share. The kernel counts idle time
+    what the machine left unused: has_room(share) says whether that is at least share. After a
+    quiet spell the average starts afresh (QUIET, settled()). The kernel counts idle time
     whoever reads it and whenever: a count of runnable tasks (/proc/loadavg), which this
     replaced, is read by a master thread while it runs, sees the machine only at such
     moments, and reported no room at a load that left a fifth of the CPU time idle.
@@ -101,11 +102,10 @@ class CpuRoom:
                 self.woke_at = now
                 self.idle = None
                 return None
-            if previous_at is not None:
-                elapsed = now - previous_at
-                unused = min(1.0, max(0.0, (idle_seconds - previous) / (elapsed * counter.cores)))
-                weight = 1.0 if self.idle is None else 1.0 - math.exp(-elapsed / self.MEMORY)
-                self.idle = unused if self.idle is None else self.idle + weight * (unused - self.idle)
+            elapsed = now - previous_at
+            unused = min(1.0, max(0.0, (idle_seconds - previous) / (elapsed * counter.cores)))
+            weight = 1.0 - math.exp(-elapsed / self.MEMORY)
+            self.idle = unused if self.idle is None else self.idle + weight * (unused - self.idle)
             return self.idle
         except (OSError, IndexError, ValueError, StopIteration):
             self._broken = True  # not Linux, or no /proc: the CPU is not a reason to keep a block
