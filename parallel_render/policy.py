@@ -45,7 +45,7 @@ class CpuRoom:
     reads at least SAMPLE_EVERY apart, averaged over the last MEMORY seconds (one read shared
     by the process's threads, a pread that keeps the interpreter lock: syscalls.read_whole), is
     what the machine left unused: has_room(share) says whether that is at least share. After a
-    quiet spell the average starts afresh (QUIET, settled()). The kernel counts idle time
+    quiet spell the average starts afresh (QUIET). The kernel counts idle time
     whoever reads it and whenever: a count of runnable tasks (/proc/loadavg), which this
     replaced, is read by a master thread while it runs, sees the machine only at such
     moments, and reported no room at a load that left a fifth of the CPU time idle.
@@ -54,7 +54,7 @@ class CpuRoom:
     SAMPLE_EVERY = 0.01
     MEMORY = 0.1  # seconds
     # No read for this long: no page asked, and the node was quiet. The next read starts the
-    # average afresh (sample()), and the pages share until it has seen MEMORY (settled()).
+    # average afresh (sample()).
     QUIET = 0.1
 
     def __init__(self, counter: cpus.IdleCounter | None = None,
@@ -67,7 +67,6 @@ class CpuRoom:
         self._read_at: float | None = None
         self._lock = threading.Lock()
         self._broken = False
-        self.woke_at: float | None = None  # the first read after a quiet spell
 
     @property
     def counter(self) -> cpus.IdleCounter:
@@ -99,7 +98,6 @@ class CpuRoom:
                 # The quiet spell's idle time says nothing of the pages arriving now: blended in,
                 # a burst on an idle node read as room for about 0.2 s, and its pages sent their
                 # blocks to workers on CPUs they already filled. Not known until the next read.
-                self.woke_at = now
                 self.idle = None
                 return None
             elapsed = now - previous_at
@@ -117,23 +115,6 @@ class CpuRoom:
     def has_room(self, share: float) -> bool:
         idle = self.sample()
         return idle is None or idle >= share
-
-    def settled(self) -> bool:
-        """Whether the average has seen the pages now in flight: at least MEMORY since the
-        first read after a quiet spell (no read for QUIET seconds).
-
-        Until then it is mostly the quiet spell's idle time, which says nothing of a burst of
-        pages that has just arrived: read as room, it let every page of the burst take what
-        it found, the first ones every worker and block thread, and the pages beside them
-        were the slowest of their run (docs/dispatch.md).
-        """
-        self.sample()
-        return self._broken or self.woke_at is None or self.clock() - self.woke_at >= self.MEMORY
-
-    def shared_room(self, share: float) -> bool:
-        """has_room(share), once settled(): whether the node's pages may take what they find
-        rather than share it (the fairness rules below)."""
-        return self.has_room(share) and self.settled()
 
 
 cpu_room = CpuRoom()
@@ -308,7 +289,7 @@ def holds_its_share(load: RouterLoad | None, out: Callable[[], int]) -> bool:
     if load is None or load.workers == 0:
         return False
     pages = pages_in_flight.on_node()
-    if pages <= 1 or cpu_room.shared_room(FAIR_IDLE_SHARE):
+    if pages <= 1 or cpu_room.has_room(FAIR_IDLE_SHARE):
         return False
     return out() >= share_of_workers(load.workers, pages)
 
@@ -322,7 +303,7 @@ def holds_its_threads(threads: int, in_threads: Callable[[], int]) -> bool:
     the pages beside it wait in their blocks one after another, and theirs set the tail
     (docs/dispatch.md)."""
     pages = pages_in_flight.count
-    if pages <= 1 or cpu_room.shared_room(FAIR_IDLE_SHARE):
+    if pages <= 1 or cpu_room.has_room(FAIR_IDLE_SHARE):
         return False
     return in_threads() >= share_of_workers(threads, pages)
 
@@ -333,7 +314,7 @@ def every_cpu_has_a_page() -> bool:
     is then done no sooner in a worker: each page already has a CPU, and its blocks sent
     would take their CPU from the pages beside it, whose tail grows, while the idle time
     they leave as they finish unevenly lets the next pages send theirs (docs/dispatch.md)."""
-    if cpu_room.shared_room(FAIR_IDLE_SHARE):
+    if cpu_room.has_room(FAIR_IDLE_SHARE):
         return False
     return pages_in_flight.on_node() >= cpu_room.cores
 

@@ -34,8 +34,8 @@ def cpu(tmp_path, monkeypatch):
     idle_seconds = [0.0]
 
     def left_idle(share: float) -> None:
-        """From now on, this share of the CPUs' time is idle (read over MEMORY in steps shorter
-        than QUIET, so the average has settled on it)."""
+        """From now on, this share of the CPUs' time is idle (read in steps shorter than QUIET,
+        so the average is of it alone)."""
         room._read_at = None
         room.idle = None
         step = room.QUIET / 2
@@ -107,10 +107,10 @@ def test_the_idle_share_is_read_from_proc_uptime_and_averaged(cpu):
     assert policy.CpuRoom(cpus.UptimeIdle("/nonexistent/uptime")).has_room(1.0)  # unreadable: never a reason
 
 
-def quiet_spell(cpu, seconds: float = 1.0, then_busy: float = 0.0) -> None:
-    """No read for `seconds` with every CPU idle, then `then_busy` seconds with none idle."""
+def quiet_spell(cpu, seconds: float = 1.0) -> None:
+    """No read for `seconds`, every CPU idle all along."""
     idle_seconds = cpu._idle_seconds + seconds * cpu.cores
-    cpu.now[0] += seconds + then_busy
+    cpu.now[0] += seconds
     with open(cpu.counter.path, "w") as f:
         f.write(f"{cpu.now[0]:.3f} {idle_seconds:.4f}\n")
 
@@ -131,26 +131,6 @@ def test_after_a_quiet_spell_the_average_starts_afresh(cpu):
     assert blended.sample() > 0.99
     cpu.now[0] += 0.02
     assert blended.sample() > 0.8
-
-
-def test_after_a_quiet_spell_the_pages_share_until_the_average_has_seen_them(cpu, monkeypatch):
-    monkeypatch.setattr(policy.pages_in_flight, "node", None)
-    eight = load(workers=8, idle=8)
-    cpu.left_idle(1.0)
-    with policy.pages_in_flight, policy.pages_in_flight:  # 2 pages: 4 workers each when shared
-        assert not policy.holds_its_share(eight, lambda: 4)  # idle CPU: a page takes what is free
-        quiet_spell(cpu, then_busy=0.0)
-        # The first pages of a burst: the first would take every worker, and every block thread
-        # of its master, before the average has seen the others.
-        assert policy.holds_its_share(eight, lambda: 4) and not policy.holds_its_share(eight, lambda: 3)
-        assert policy.holds_its_threads(4, lambda: 2) and policy.every_cpu_has_a_page()
-        for _ in range(3):  # MEMORY later, still idle: as before the spell
-            cpu.now[0] += cpu.QUIET / 2
-            with open(cpu.counter.path, "w") as f:
-                f.write(f"{cpu.now[0]:.3f} {cpu._idle_seconds + cpu.QUIET / 2 * cpu.cores:.4f}\n")
-            cpu.sample()
-        assert cpu.settled() and not policy.holds_its_share(eight, lambda: 4)
-        assert not policy.holds_its_threads(4, lambda: 2) and not policy.every_cpu_has_a_page()
 
 
 def test_the_real_proc_uptime_gives_a_share():
