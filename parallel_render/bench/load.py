@@ -142,6 +142,17 @@ class Slice:
     first_error: str = ""
 
 
+def _run_clients(client: Callable[[], None], concurrency: int) -> float:
+    """Run `client` in `concurrency` threads at once; the seconds until the last returned."""
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
 def builtin_slice(url: str, concurrency: int, seconds: float, headers: dict[str, str], mode: str) -> Slice:
     """Closed loop: `concurrency` threads, each on its own keep-alive connection, for `seconds`."""
     result = Slice(mode, 0.0)
@@ -177,13 +188,7 @@ def builtin_slice(url: str, concurrency: int, seconds: float, headers: dict[str,
             result.errors += errors
             result.first_error = result.first_error or first
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    result.seconds = time.perf_counter() - started
+    result.seconds = _run_clients(client, concurrency)
     return result
 
 
@@ -214,13 +219,7 @@ def burst_slice(url: str, concurrency: int, headers: dict[str, str], mode: str) 
                 result.non200 += 1
                 result.first_error = result.first_error or f"HTTP {status}"
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    result.seconds = time.perf_counter() - started
+    result.seconds = _run_clients(client, concurrency)
     return result
 
 
