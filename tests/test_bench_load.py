@@ -197,7 +197,9 @@ def _run_bench(tmp_path: Path, *args: str) -> dict:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return orjson.loads(done.stdout)
+    result = orjson.loads(done.stdout)
+    result["log"] = done.stderr  # the progress lines (--json sends them to stderr)
+    return result
 
 
 def _check_run(result: dict, tmp_path: Path, pages: list[str], levels: list[int]) -> None:
@@ -239,6 +241,8 @@ def test_a_short_run_of_bursts(tmp_path):
             assert lv[mode]["requests"] == 2 * lv["concurrency"]
             assert [round(s["rps"] * s["seconds"]) for s in lv[mode]["slices"]] == [lv["concurrency"]] * 2
     assert result["node"]["settled_seconds"] > 0  # the node settled before each burst
+    assert "the run sends 8 bursts" in result["log"] and "io c=3: 2 bursts per mode:" in result["log"]
+    assert "before each burst the bench waited for the node to settle" in load.format_result(result)
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install -y wrk)")

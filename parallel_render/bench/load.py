@@ -535,7 +535,7 @@ class LoadBench:
         self, base: str, pages: list[Page], levels: list[int], duration: float, slices: int, warmup: float,
         slice_fn: Callable[[str, int, float, str], Slice], serial_header: str, log: Callable[[str], None] | None = None,
         max_slice: float = 20.0, whole_seconds: bool = False, settle: Callable[[Slice], float] | None = None,
-        min_requests: int = 0,
+        min_requests: int = 0, bursts: bool = False,
     ) -> None:
         self.base = base.rstrip("/")
         self.pages = pages
@@ -549,6 +549,7 @@ class LoadBench:
         self.max_slice = max_slice
         self.min_requests = min_requests
         self.whole_seconds = whole_seconds  # wrk takes whole seconds
+        self.bursts = bursts  # a slice is one burst (burst_slice), whatever its seconds
         # Called after each slice: waits for the requests the slice left in flight (see settle_after).
         self.settle = settle or (lambda _slice: 0.0)
         self.settled = 0.0  # seconds spent waiting for them, over the run
@@ -620,7 +621,8 @@ class LoadBench:
             missed.append("check: " + "; ".join(check["problems"]))
         # Requests each connection finished in its slice: few means slow requests were cut off.
         rounds = min(s.ok + s.non200 for slices in taken.values() for s in slices) / concurrency
-        self.log(f"  {page.name} c={concurrency}: {self.slices} x {seconds:.1f} s per mode: serial {serial['rps']:.1f} req/s "
+        each = f"{self.slices} bursts" if self.bursts else f"{self.slices} x {seconds:.1f} s"
+        self.log(f"  {page.name} c={concurrency}: {each} per mode: serial {serial['rps']:.1f} req/s "
                  f"p99 {serial['p99']:.0f} ms, parallel {parallel['rps']:.1f} req/s p99 {parallel['p99']:.0f} ms"
                  + (f"  [{'; '.join(missed)}]" if missed else ""))
         return {"concurrency": concurrency, "slice_seconds": seconds, "rounds": rounds, "serial": serial,
@@ -645,8 +647,9 @@ def format_result(result: dict[str, Any]) -> str:
                    f"{'a new connection per request' if per_request else 'connections kept alive'}; per level and mode {gen['slices']} slices of "
                    f"{gen['slice_seconds']:.1f} s, interleaved, after a {gen['warmup']:g} s warm-up")
     if node.get("settled_seconds") is not None:
-        out.append(f"after each slice the bench waited for the node to finish the requests it left in flight "
-                   f"({node['settled_seconds']:g} s in all)")
+        waited = ("before each burst the bench waited for the node to settle" if bursts else
+                  "after each slice the bench waited for the node to finish the requests it left in flight")
+        out.append(f"{waited} ({node['settled_seconds']:g} s in all)")
     if result.get("debug"):
         out.append("warning: the node runs with DEBUG on (for the demo site: DEMO_DEBUG=0)")
     for page in result["pages"]:
@@ -914,8 +917,12 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
                 args.append("--no-affinity")
             total = len(pages) * len(levels) * (2 * slice_seconds * options["slices"] + options["warmup"])
             longest = len(pages) * len(levels) * (2 * options["max_slice"] * options["slices"] + options["warmup"])
-            log(f"starting a node (runparallel {' '.join(args)}); the run takes {total / 60:.1f} min or more"
-                + (f", up to {longest / 60:.0f} min where slow pages lengthen slices" if longest > total else ""))
+            if generator == "burst":  # a burst lasts as long as its slowest page, then the node settles
+                log(f"starting a node (runparallel {' '.join(args)}); the run sends "
+                    f"{len(pages) * len(levels) * 2 * options['slices']} bursts, each followed by a wait for the node to settle")
+            else:
+                log(f"starting a node (runparallel {' '.join(args)}); the run takes {total / 60:.1f} min or more"
+                    + (f", up to {longest / 60:.0f} min where slow pages lengthen slices" if longest > total else ""))
             node = Node(args, workdir)
             base = node.url
             workers_by = time.monotonic() + WORKERS_WAIT
@@ -936,7 +943,7 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         settle = settle_after(node.cpu_seconds if node is not None else None, max_slice)
         bench = LoadBench(base, pages, levels, options["duration"], options["slices"], options["warmup"], slice_fn, header, log,
                           max_slice=max_slice, whole_seconds=generator == "wrk", settle=settle,
-                          min_requests=options["min_requests"])
+                          min_requests=options["min_requests"], bursts=generator == "burst")
         results = bench.run()
         node_info["settled_seconds"] = round(bench.settled, 1)
         if node is not None:
