@@ -16,9 +16,7 @@ request_finished, closing the socket). A master with more requests in flight tha
 waits before it accepts, up to ACCEPT_WAIT, while the connection is still there and another
 master is still less busy: the less busy master, woken by the same connection, takes it
 meanwhile. If nobody did, the busier master accepts it then, so a connection waits at most
-that long; unless each of its threads has a request while another master has a thread free
-(FULL_WAIT): a connection it accepted would then wait for one of its requests to end, a whole
-page, while the other master's main thread waits for its interpreter lock to take it.
+that long.
 """
 
 from __future__ import annotations
@@ -40,13 +38,6 @@ from parallel_render.policy import MasterSlots
 # connection by then in 98 cases of 100.
 ACCEPT_WAIT = 0.004
 ACCEPT_POLL = 0.0005
-# How long a master whose threads all have a request leaves a new connection to a master with
-# a thread free, at most. Accepted, the connection would wait in its queue for one of those
-# requests to end; the other master's main thread may wait for its interpreter lock, behind
-# its busy threads, for longer than ACCEPT_WAIT: in bursts of 8 demo pages on two masters of
-# 4 threads, 3 of 31 serial bursts had their last page start a whole page (260 to 310 ms)
-# after the others, in the master that had 4 already (docs/node.md).
-FULL_WAIT = 0.5
 
 NO_MASTER = -1
 
@@ -75,14 +66,6 @@ class NodeRequests(MasterSlots):
         if mine <= 0:
             return False
         return any(NO_MASTER < count < mine for count in self.counts)
-
-    def full_beside_a_free_thread(self, threads: int) -> bool:
-        """Whether each of this master's `threads` threads has a request while another master
-        (of as many threads: a node's masters share their configuration) has one free."""
-        slot = self.slot
-        if slot is None or self.counts[slot] < threads:
-            return False
-        return any(NO_MASTER < count < threads for count in self.counts)
 
 
 # Set in the arbiter before its first fork (node.on_starting); None where no node runs.
@@ -188,15 +171,12 @@ class BalancedThreadWorker(ThreadWorker):
         table = node_requests
         if table is not None and table.busier_than_another():
             waiting = _waiting_connections(args[-1])
-            started = time.monotonic()
+            until = time.monotonic() + ACCEPT_WAIT
             while True:
                 time.sleep(ACCEPT_POLL)
                 if waiting is not None and not waiting():
                     return None  # a less busy master took it
-                if not table.busier_than_another():
-                    break
-                full = waiting is not None and table.full_beside_a_free_thread(self.cfg.threads)
-                if time.monotonic() - started >= (FULL_WAIT if full else ACCEPT_WAIT):
+                if time.monotonic() >= until or not table.busier_than_another():
                     break
         return super().accept(*args)
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 
 import pytest
 from django.template import Template
@@ -681,7 +680,6 @@ def test_a_busier_master_accepts_only_what_no_less_busy_master_took_in_time(monk
     monkeypatch.setattr(ThreadWorker, "accept", lambda self, listener: accepted.append(listener.accept()[0]))
     monkeypatch.setattr(balance, "node_requests", table)
     worker = balance.BalancedThreadWorker.__new__(balance.BalancedThreadWorker)
-    worker.cfg = types.SimpleNamespace(threads=2)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.setblocking(False)
         address = listener.getsockname()
@@ -690,44 +688,9 @@ def test_a_busier_master_accepts_only_what_no_less_busy_master_took_in_time(monk
             listener.accept()[0].close()  # the idle master took the first connection
             started = time.monotonic()
             worker.accept(listener)  # so this master accepts the second, after waiting for it
-            waited = time.monotonic() - started
-            assert balance.ACCEPT_WAIT <= waited < balance.FULL_WAIT and len(accepted) == 1
+            assert time.monotonic() - started >= balance.ACCEPT_WAIT and len(accepted) == 1
             accepted.pop().close()
             assert worker.accept(listener) is None and not accepted  # none waits: nothing to accept
-
-        # Each of this master's threads has a request, and the other master has a thread free:
-        # this one leaves it the connection for as long as the other takes (its main thread
-        # may wait for its interpreter lock), up to FULL_WAIT.
-        table.change(1)
-        table.counts[1] = 1
-        assert table.full_beside_a_free_thread(2) and not table.full_beside_a_free_thread(3)
-        with socket.create_connection(address):
-            time.sleep(0.05)
-            other = threading.Timer(0.1, lambda: listener.accept()[0].close())  # the other master, late
-            other.start()
-            started = time.monotonic()
-            assert worker.accept(listener) is None and not accepted
-            assert 0.09 <= time.monotonic() - started < balance.FULL_WAIT
-            other.join()
-        with socket.create_connection(address):  # nobody takes it: this master does, after FULL_WAIT
-            time.sleep(0.05)
-            monkeypatch.setattr(balance, "FULL_WAIT", 0.2)
-            started = time.monotonic()
-            worker.accept(listener)
-            assert time.monotonic() - started >= 0.2 and len(accepted) == 1
-            accepted.pop().close()
-        with socket.create_connection(address):  # or as soon as one of its own requests ends
-            time.sleep(0.05)
-            monkeypatch.setattr(balance, "FULL_WAIT", 5.0)
-            done = threading.Timer(0.1, table.change, (-1,))
-            done.start()
-            started = time.monotonic()
-            worker.accept(listener)
-            assert 0.09 <= time.monotonic() - started < 1.0 and len(accepted) == 1
-            accepted.pop().close()
-            done.join()
-        table.counts[1] = 3  # the other master is full too: the short wait as before
-        assert not table.full_beside_a_free_thread(2)
     table.change(-1)
 
 
