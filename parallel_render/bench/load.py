@@ -915,12 +915,12 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
                     args += [f"--{name}", str(options[name])]
             if options["no_affinity"]:
                 args.append("--no-affinity")
-            total = len(pages) * len(levels) * (2 * slice_seconds * options["slices"] + options["warmup"])
-            longest = len(pages) * len(levels) * (2 * options["max_slice"] * options["slices"] + options["warmup"])
             if generator == "burst":  # a burst lasts as long as its slowest page, then the node settles
                 log(f"starting a node (runparallel {' '.join(args)}); the run sends "
                     f"{len(pages) * len(levels) * 2 * options['slices']} bursts, each followed by a wait for the node to settle")
             else:
+                total = len(pages) * len(levels) * (2 * slice_seconds * options["slices"] + options["warmup"])
+                longest = len(pages) * len(levels) * (2 * options["max_slice"] * options["slices"] + options["warmup"])
                 log(f"starting a node (runparallel {' '.join(args)}); the run takes {total / 60:.1f} min or more"
                     + (f", up to {longest / 60:.0f} min where slow pages lengthen slices" if longest > total else ""))
             node = Node(args, workdir)
