@@ -130,6 +130,55 @@ def test_slices_grow_until_the_slower_mode_finishes_min_requests():
     assert bench.slice_seconds(16, idle, previous) == pytest.approx(3.2)  # as without it
 
 
+def test_a_mode_short_of_min_requests_gets_more_slices_interleaved(monkeypatch):
+    # The first level has no previous one: its slices were planned from the idle GETs, and the
+    # node served fewer pages than they promised. More slices, one per mode, until both modes
+    # have min_requests at the rate they served, no more than `slices` more rounds.
+    rate = {"serial": 36.0, "parallel": 30.0}  # requests per second at this level
+    ran: list[tuple[str, float]] = []
+
+    def slice_fn(url, concurrency, seconds, mode):
+        ran.append((mode, seconds))
+        n = int(rate[mode] * seconds)
+        return load.Slice(mode, seconds, ok=n, latencies_ms=[100.0] * n)
+
+    check = {"ok": True, "problems": [], "ms": {"serial": 30.0, "parallel": 30.0}}
+    monkeypatch.setattr(load, "check_page", lambda *a, **k: check)
+    bench = load.LoadBench("http://127.0.0.1:1", [], [4], duration=6, slices=3, warmup=0, slice_fn=slice_fn,
+                           serial_header="X-Parallel-Render", max_slice=20, whole_seconds=True, min_requests=600)
+    io = load.parse_pages("io")[0]
+    level = bench.level(io, 4, 0)
+    planned = level["slice_seconds"]
+    assert planned == 2.0  # 4 connections at 30 ms each promised 133 req/s: 600 in 4.5 s
+    assert level["extra_rounds"] >= 1
+    assert level["serial"]["requests"] >= 600 and level["parallel"]["requests"] >= 600
+    modes = [mode for mode, _ in ran]
+    assert modes.count("serial") == modes.count("parallel") == 3 + level["extra_rounds"]
+    # Each round is a serial and a parallel slice of one length, the order alternating.
+    rounds = [ran[k:k + 2] for k in range(0, len(ran), 2)]
+    assert all({a[0], b[0]} == {"serial", "parallel"} and a[1] == b[1] for a, b in rounds)
+    assert [r[0][0] for r in rounds[:4]] == ["serial", "parallel", "serial", "parallel"]
+    assert all(seconds == int(seconds) for _, seconds in ran)  # wrk takes whole seconds
+
+    ran.clear()
+    bench.max_slice = 2  # capped: at most `slices` more rounds, and the table says it fell short
+    level = bench.level(io, 4, 1)
+    assert level["extra_rounds"] == 3 and len(ran) == 12
+    assert level["parallel"]["requests"] < 600
+    result = {"node": {"description": "a node"}, "pages": [{"name": "io", "path": io.path, "speedup_target": None,
+                                                           "levels": [{**level, "ratios": {**level["ratios"]}}]}],
+              "generator": {"description": "wrk", "slices": 3, "slice_seconds": 2.0, "warmup": 0, "connections": "close",
+                            "min_requests": 600},
+              "reproduce": "python manage.py parallel_bench load"}
+    text = load.format_result(result)
+    assert "more slices per mode at concurrency 4 (3)" in text
+    assert "warning: at concurrency 4 a mode finished fewer than 600 requests even so" in text
+
+    ran.clear()
+    bench.min_requests = 0  # no minimum: the planned slices only
+    assert bench.level(io, 4, 0)["extra_rounds"] == 0 and len(ran) == 6
+
+
 def test_the_p99_ratio_comes_with_a_bootstrap_interval():
     draw = random.Random(7)
     same = [draw.expovariate(1 / 100) for _ in range(600)], [draw.expovariate(1 / 100) for _ in range(600)]
@@ -243,6 +292,20 @@ def test_a_short_run_of_bursts(tmp_path):
     assert result["node"]["settled_seconds"] > 0  # the node settled before each burst
     assert "the run sends 8 bursts" in result["log"] and "io c=3: 2 bursts per mode:" in result["log"]
     assert "before each burst the bench waited for the node to settle" in load.format_result(result)
+
+
+def test_an_a_a_run_measures_parallel_against_parallel(tmp_path):
+    # --same-mode: the "serial" slices go out without the serial header, so both columns are
+    # the parallel page (6 blocks of 20 ms: about 25 ms, where serially it takes 125).
+    result = _run_bench(tmp_path, "--generator", "builtin", "--pages", "io", "--levels", "1", "--same-mode",
+                        "--duration", "1", "--slices", "2", "--warmup", "0.2", "--max-slice", "1", "--min-requests", "0")
+    assert result["generator"]["same_mode"] is True
+    level = result["pages"][0]["levels"][0]
+    assert level["serial"]["p50"] < 70 and level["parallel"]["p50"] < 70, level
+    assert 0.5 < level["ratios"]["speedup_p50"] < 2.0
+    assert level["check"]["ok"] and level["check"]["offloaded"] > 0  # the check still compares the two modes
+    text = load.format_result(result)
+    assert "A/A (--same-mode)" in text and "--same-mode" in result["reproduce"]
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install -y wrk)")

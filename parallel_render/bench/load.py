@@ -17,8 +17,10 @@ difference between the modes this bench is for.
 Per page and level: a plain GET in each mode checks the page (200, parallel and serial bodies
 equal once pids are blanked, the blocks present and sent to workers); a warm-up slice in each
 mode; then `--slices` slices per mode of `--duration / --slices` seconds, alternating which
-mode goes first, so drift on the machine hits both alike. Throughput counts the 200s; the
-latency percentiles are over every request of the mode's slices together.
+mode goes first, so drift on the machine hits both alike; where a mode finished fewer than
+`--min-requests`, more slices of both. Throughput counts the 200s; the latency percentiles are
+over every request of the mode's slices together. `--same-mode` sends both modes' slices
+without the serial header: an A/A run, whose ratios are the machine's noise alone.
 """
 
 from __future__ import annotations
@@ -498,7 +500,8 @@ def combine(slices: list[Slice]) -> dict[str, Any]:
         "first_error": next((s.first_error for s in slices if s.first_error), ""),
         **{k: v for k, v in summary(latencies(slices)).items() if k != "n"},
         "slices": [{"seconds": s.seconds, "rps": s.ok / s.seconds if s.seconds > 0 else 0.0,
-                    "p50": summary(s.latencies_ms)["p50"], "errors": s.errors + s.non200} for s in slices],
+                    **{k: v for k, v in summary(s.latencies_ms).items() if k in ("p50", "p99")},
+                    "errors": s.errors + s.non200} for s in slices],
     }
 
 
@@ -597,6 +600,24 @@ class LoadBench:
         seconds = min(self.max_slice, max(self.duration / self.slices, MIN_ROUNDS * expected, enough))
         return float(math.ceil(seconds - 1e-6)) if self.whole_seconds else seconds
 
+    def top_up_seconds(self, taken: dict[str, list[Slice]]) -> float | None:
+        """How long one more slice per mode must run for the mode furthest from min_requests to
+        reach them at the rate it has served so far (up to --max-slice); None when every mode
+        has them (or the slices are bursts, or no minimum was asked for)."""
+        if self.bursts or not self.min_requests:
+            return None
+        needed = []
+        for mode in MODES:
+            done = sum(s.ok for s in taken[mode])
+            if done < self.min_requests:
+                seconds = sum(s.seconds for s in taken[mode])
+                if done and seconds > 0:  # a mode that finished nothing is flagged, not waited for
+                    needed.append((self.min_requests - done) * seconds / done)
+        if not needed:
+            return None
+        more = min(self.max_slice, max(needed))
+        return float(max(1, math.ceil(more - 1e-6))) if self.whole_seconds else more
+
     def level(self, page: Page, concurrency: int, n: int, previous: dict[str, Any] | None = None) -> dict[str, Any]:
         url = self.base + page.path
         check = check_page(self.base, page, self.serial_headers)
@@ -614,6 +635,16 @@ class LoadBench:
                 # first requests of a parallel slice would queue behind the serial requests still
                 # running (heavier than parallel ones), and its p99 would be the serial mode's.
                 self.settled += self.settle(taken[mode][-1])
+        # The slices' length came from an estimate of the node's throughput (the idle GETs, the
+        # previous level's): where a mode finished fewer than min_requests, one more slice per
+        # mode, as long as the measured rate says it takes, up to `slices` more rounds.
+        extra = 0
+        while extra < self.slices and (more := self.top_up_seconds(taken)) is not None:
+            order = MODES if (self.slices + extra + n) % 2 == 0 else MODES[::-1]
+            for mode in order:
+                taken[mode].append(self.slice_fn(url, concurrency, more, mode))
+                self.settled += self.settle(taken[mode][-1])
+            extra += 1
         serial, parallel = combine(taken["serial"]), combine(taken["parallel"])
         ratios, missed = judge(page, concurrency, serial, parallel)
         ratios["p99_interval"] = list(ratio_interval(latencies(taken["parallel"]), latencies(taken["serial"])))
@@ -621,11 +652,12 @@ class LoadBench:
             missed.append("check: " + "; ".join(check["problems"]))
         # Requests each connection finished in its slice: few means slow requests were cut off.
         rounds = min(s.ok + s.non200 for slices in taken.values() for s in slices) / concurrency
-        each = f"{self.slices} bursts" if self.bursts else f"{self.slices} x {seconds:.1f} s"
+        each = (f"{self.slices} bursts" if self.bursts else f"{self.slices} x {seconds:.1f} s"
+                + "".join(f" + {s.seconds:.1f} s" for s in taken["serial"][self.slices:]))
         self.log(f"  {page.name} c={concurrency}: {each} per mode: serial {serial['rps']:.1f} req/s "
                  f"p99 {serial['p99']:.0f} ms, parallel {parallel['rps']:.1f} req/s p99 {parallel['p99']:.0f} ms"
                  + (f"  [{'; '.join(missed)}]" if missed else ""))
-        return {"concurrency": concurrency, "slice_seconds": seconds, "rounds": rounds, "serial": serial,
+        return {"concurrency": concurrency, "slice_seconds": seconds, "extra_rounds": extra, "rounds": rounds, "serial": serial,
                 "parallel": parallel, "ratios": ratios, "missed": missed, "check": check}
 
 
@@ -646,6 +678,9 @@ def format_result(result: dict[str, Any]) -> str:
         out.append(f"generator: {gen['description']}; closed loop, "
                    f"{'a new connection per request' if per_request else 'connections kept alive'}; per level and mode {gen['slices']} slices of "
                    f"{gen['slice_seconds']:.1f} s, interleaved, after a {gen['warmup']:g} s warm-up")
+    if gen.get("same_mode"):
+        out.append("A/A (--same-mode): the serial slices went out without the serial header, so both modes rendered in "
+                   "parallel; each ratio below compares parallel with parallel, and a MISS is the machine's noise alone")
     if node.get("settled_seconds") is not None:
         waited = ("before each burst the bench waited for the node to settle" if bursts else
                   "after each slice the bench waited for the node to finish the requests it left in flight")
@@ -674,6 +709,16 @@ def format_result(result: dict[str, Any]) -> str:
         if longer:
             out.append(f"slices lengthened at concurrency {', '.join(longer)}, for {MIN_ROUNDS} requests per connection each"
                        + (f" and {result['generator']['min_requests']} per mode" if result["generator"].get("min_requests") else ""))
+        topped = [f"{lv['concurrency']} ({lv['extra_rounds']})" for lv in page["levels"] if lv.get("extra_rounds")]
+        if topped:
+            out.append(f"more slices per mode at concurrency {', '.join(topped)}: a mode had not finished "
+                       f"{result['generator'].get('min_requests')} requests in the planned ones")
+        least = result["generator"].get("min_requests") or 0
+        short = [str(lv["concurrency"]) for lv in page["levels"] if not bursts
+                 and min(lv[mode].get("requests", least) for mode in MODES) < least]
+        if short:
+            out.append(f"warning: at concurrency {', '.join(short)} a mode finished fewer than "
+                       f"{result['generator']['min_requests']} requests even so: raise --max-slice for a surer p99")
         few = [str(lv["concurrency"]) for lv in page["levels"] if lv["rounds"] < MIN_ROUNDS / 2 and not bursts]
         if few:
             out.append(f"warning: at concurrency {', '.join(few)} a connection finished fewer than {MIN_ROUNDS // 2} "
@@ -802,7 +847,8 @@ def add_arguments(parser: Any) -> None:
                              f"(for {MIN_ROUNDS} requests per connection; default 20)")
     parser.add_argument("--min-requests", type=int, default=MIN_REQUESTS,
                         help=f"lengthen a level's slices (up to --max-slice) until each mode is expected to finish this many "
-                             f"requests, for a p99 that rests on more than its slowest few (default {MIN_REQUESTS}; 0: off)")
+                             f"requests, and add slices where one did not, for a p99 that rests on more than its slowest "
+                             f"few (default {MIN_REQUESTS}; 0: off)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per page and level, both modes (default 1)")
     parser.add_argument("--connections", choices=("close", "keep-alive"), default="close",
                         help="a new connection per request (close, as from a proxy), or one kept alive per client")
@@ -815,6 +861,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--threads", type=int, default=None, help="passed to runparallel")
     parser.add_argument("--no-affinity", action="store_true", help="passed to runparallel")
     parser.add_argument("--plot", default=None, help="write the SVG here (default docs/load.svg in the repository, else a temp file)")
+    parser.add_argument("--same-mode", action="store_true",
+                        help="A/A: send the serial slices without the serial header too, so each ratio compares parallel "
+                             "with parallel: how far two samples of one mode differ on this machine")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -825,6 +874,8 @@ def _reproduce(options: dict[str, Any], generator: str, plot: str) -> str:
              f"--generator {generator}", f"--connections {options['connections']}"]
     if options["url"]:
         parts.append(f"--url {options['url']}")
+    if options["same_mode"]:
+        parts.append("--same-mode")
     for name in ("masters", "workers", "threads"):
         if options[name]:
             parts.append(f"--{name} {options[name]}")
@@ -904,6 +955,16 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
 
             gen_desc = "built-in (a thread per connection)"
             slice_seconds = options["duration"] / options["slices"]
+        if options["same_mode"]:
+            # A/A: the "serial" slices go out as parallel ones too, so every ratio compares two
+            # samples of one mode, measured as the bench measures the two.
+            send = slice_fn
+
+            def slice_fn(u: str, c: int, s: float, mode: str) -> Slice:
+                taken = send(u, c, s, "parallel")
+                taken.mode = mode
+                return taken
+
         node_info: dict[str, Any] = {"started": False}
         if url:
             base = url.rstrip("/")
@@ -960,12 +1021,13 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     result = {
-        "title": f"{'/'.join(p.name for p in pages)} pages under load: {node_info.get('short', base)}, {generator}",
+        "title": f"{'/'.join(p.name for p in pages)} pages under load: {node_info.get('short', base)}, {generator}"
+                 + (", A/A (both modes parallel)" if options["same_mode"] else ""),
         "node": {**node_info, "orphans": orphans, "pids": sorted(node.seen) if node else []},
         "generator": {"name": generator, "description": gen_desc, "slices": options["slices"],
                       "connections": options["connections"],
                       "slice_seconds": slice_seconds, "warmup": options["warmup"],
-                      "min_requests": options["min_requests"]},
+                      "min_requests": options["min_requests"], "same_mode": bool(options["same_mode"])},
         "debug": bool(settings.DEBUG), "levels": levels, "pages": results, "plot": plot,
         "reproduce": _reproduce(options, generator, plot),
     }
