@@ -179,6 +179,28 @@ def test_a_mode_short_of_min_requests_gets_more_slices_interleaved(monkeypatch):
     assert bench.level(io, 4, 0)["extra_rounds"] == 0 and len(ran) == 6
 
 
+def test_each_slice_follows_an_uncounted_lead_in_of_its_own_mode(monkeypatch):
+    ran: list[tuple[str, float]] = []
+
+    def slice_fn(url, concurrency, seconds, mode):
+        ran.append((mode, seconds))
+        n = int(10 * seconds)
+        return load.Slice(mode, seconds, ok=n, latencies_ms=[1000.0 if seconds == 1.0 else 50.0] * n)
+
+    check = {"ok": True, "problems": [], "ms": {"serial": 30.0, "parallel": 30.0}}
+    monkeypatch.setattr(load, "check_page", lambda *a, **k: check)
+    bench = load.LoadBench("http://127.0.0.1:1", [], [4], duration=6, slices=2, warmup=0, slice_fn=slice_fn,
+                           serial_header="X-Parallel-Render", lead_in=1.0)
+    level = bench.level(load.parse_pages("io")[0], 4, 0)
+    assert ran == [("serial", 1.0), ("serial", 3.0), ("parallel", 1.0), ("parallel", 3.0),
+                   ("parallel", 1.0), ("parallel", 3.0), ("serial", 1.0), ("serial", 3.0)]
+    assert level["serial"]["requests"] == level["parallel"]["requests"] == 60  # the lead-ins' are not counted
+    assert level["serial"]["p99"] == level["parallel"]["p99"] == 50.0
+    bursts = load.LoadBench("http://127.0.0.1:1", [], [4], duration=6, slices=2, warmup=0, slice_fn=slice_fn,
+                            serial_header="X-Parallel-Render", lead_in=1.0, bursts=True)
+    assert bursts.lead_in == 0.0  # a burst is measured from a settled node
+
+
 def test_the_p99_ratio_comes_with_a_bootstrap_interval():
     draw = random.Random(7)
     same = [draw.expovariate(1 / 100) for _ in range(600)], [draw.expovariate(1 / 100) for _ in range(600)]
@@ -274,9 +296,11 @@ def _check_run(result: dict, tmp_path: Path, pages: list[str], levels: list[int]
 
 def test_a_short_run_with_the_builtin_generator(tmp_path):
     result = _run_bench(tmp_path, "--generator", "builtin", "--pages", "io,cpu", "--levels", "1,2",
-                        "--duration", "0.6", "--slices", "2", "--warmup", "0.2", "--max-slice", "0.5")
+                        "--duration", "0.6", "--slices", "2", "--warmup", "0.2", "--max-slice", "0.5", "--lead-in", "0.2")
     assert result["generator"]["name"] == "builtin"
     _check_run(result, tmp_path, ["io", "cpu"], [1, 2])
+    assert "--lead-in 0.2" in result["reproduce"]
+    assert "each slice after a 0.2 s lead-in of its own mode" in load.format_result(result)
 
 
 def test_a_short_run_of_bursts(tmp_path):
@@ -298,7 +322,8 @@ def test_an_a_a_run_measures_parallel_against_parallel(tmp_path):
     # --same-mode: the "serial" slices go out without the serial header, so both columns are
     # the parallel page (6 blocks of 20 ms: about 25 ms, where serially it takes 125).
     result = _run_bench(tmp_path, "--generator", "builtin", "--pages", "io", "--levels", "1", "--same-mode",
-                        "--duration", "1", "--slices", "2", "--warmup", "0.2", "--max-slice", "1", "--min-requests", "0")
+                        "--duration", "1", "--slices", "2", "--warmup", "0.2", "--max-slice", "1", "--min-requests", "0",
+                        "--lead-in", "0.2")
     assert result["generator"]["same_mode"] is True
     level = result["pages"][0]["levels"][0]
     assert level["serial"]["p50"] < 70 and level["parallel"]["p50"] < 70, level

@@ -17,7 +17,8 @@ difference between the modes this bench is for.
 Per page and level: a plain GET in each mode checks the page (200, parallel and serial bodies
 equal once pids are blanked, the blocks present and sent to workers); a warm-up slice in each
 mode; then `--slices` slices per mode of `--duration / --slices` seconds, alternating which
-mode goes first, so drift on the machine hits both alike; where a mode finished fewer than
+mode goes first, so drift on the machine hits both alike, each after an uncounted lead-in of
+its own mode (`--lead-in`); where a mode finished fewer than
 `--min-requests`, more slices of both. Throughput counts the 200s; the latency percentiles are
 over every request of the mode's slices together. `--same-mode` sends both modes' slices
 without the serial header: an A/A run, whose ratios are the machine's noise alone.
@@ -67,6 +68,9 @@ MIN_ROUNDS = 4
 MIN_REQUESTS = 600
 WRK_MARK = "PARALLEL_BENCH_LOAD "
 PID = re.compile(rb"pid \d+")
+# Seconds of a slice's mode run, not counted, right before it (LoadBench.measured_slice): wrk's
+# shortest run.
+LEAD_IN = 1.0
 WORKERS_WAIT = 45.0  # seconds from the node's start for its workers to render a block of the first page
 WORKER_BLOCK = re.compile(r'pid \d+ render ([\d.]+)ms')
 RESCUED_BLOCK = re.compile(r"master render [\d.]+ms")
@@ -538,7 +542,7 @@ class LoadBench:
         self, base: str, pages: list[Page], levels: list[int], duration: float, slices: int, warmup: float,
         slice_fn: Callable[[str, int, float, str], Slice], serial_header: str, log: Callable[[str], None] | None = None,
         max_slice: float = 20.0, whole_seconds: bool = False, settle: Callable[[Slice], float] | None = None,
-        min_requests: int = 0, bursts: bool = False,
+        min_requests: int = 0, bursts: bool = False, lead_in: float = 0.0,
     ) -> None:
         self.base = base.rstrip("/")
         self.pages = pages
@@ -553,6 +557,9 @@ class LoadBench:
         self.min_requests = min_requests
         self.whole_seconds = whole_seconds  # wrk takes whole seconds
         self.bursts = bursts  # a slice is one burst (burst_slice), whatever its seconds
+        # Seconds of the same mode, not counted, right before each slice: it starts on a node
+        # in that mode's steady state, not on one the settling left idle.
+        self.lead_in = 0.0 if bursts else lead_in
         # Called after each slice: waits for the requests the slice left in flight (see settle_after).
         self.settle = settle or (lambda _slice: 0.0)
         self.settled = 0.0  # seconds spent waiting for them, over the run
@@ -600,6 +607,12 @@ class LoadBench:
         seconds = min(self.max_slice, max(self.duration / self.slices, MIN_ROUNDS * expected, enough))
         return float(math.ceil(seconds - 1e-6)) if self.whole_seconds else seconds
 
+    def measured_slice(self, url: str, concurrency: int, seconds: float, mode: str) -> Slice:
+        """One slice of `mode`, after the lead-in (uncounted) that brings the node to its steady state."""
+        if self.lead_in > 0:
+            self.slice_fn(url, concurrency, self.lead_in, mode)
+        return self.slice_fn(url, concurrency, seconds, mode)
+
     def top_up_seconds(self, taken: dict[str, list[Slice]]) -> float | None:
         """How long one more slice per mode must run for the mode furthest from min_requests to
         reach them at the rate it has served so far (up to --max-slice); None when every mode
@@ -630,7 +643,7 @@ class LoadBench:
             # Alternate which mode goes first, from level to level too.
             order = MODES if (k + n) % 2 == 0 else MODES[::-1]
             for mode in order:
-                taken[mode].append(self.slice_fn(url, concurrency, seconds, mode))
+                taken[mode].append(self.measured_slice(url, concurrency, seconds, mode))
                 # The next slice starts on a node that has finished this one's requests: else the
                 # first requests of a parallel slice would queue behind the serial requests still
                 # running (heavier than parallel ones), and its p99 would be the serial mode's.
@@ -642,7 +655,7 @@ class LoadBench:
         while extra < self.slices and (more := self.top_up_seconds(taken)) is not None:
             order = MODES if (self.slices + extra + n) % 2 == 0 else MODES[::-1]
             for mode in order:
-                taken[mode].append(self.slice_fn(url, concurrency, more, mode))
+                taken[mode].append(self.measured_slice(url, concurrency, more, mode))
                 self.settled += self.settle(taken[mode][-1])
             extra += 1
         serial, parallel = combine(taken["serial"]), combine(taken["parallel"])
@@ -677,7 +690,8 @@ def format_result(result: dict[str, Any]) -> str:
     else:
         out.append(f"generator: {gen['description']}; closed loop, "
                    f"{'a new connection per request' if per_request else 'connections kept alive'}; per level and mode {gen['slices']} slices of "
-                   f"{gen['slice_seconds']:.1f} s, interleaved, after a {gen['warmup']:g} s warm-up")
+                   f"{gen['slice_seconds']:.1f} s, interleaved, after a {gen['warmup']:g} s warm-up"
+                   + (f"; each slice after a {gen['lead_in']:g} s lead-in of its own mode, not counted" if gen.get("lead_in") else ""))
     if gen.get("same_mode"):
         out.append("A/A (--same-mode): the serial slices went out without the serial header, so both modes rendered in "
                    "parallel; each ratio below compares parallel with parallel, and a MISS is the machine's noise alone")
@@ -849,6 +863,10 @@ def add_arguments(parser: Any) -> None:
                         help=f"lengthen a level's slices (up to --max-slice) until each mode is expected to finish this many "
                              f"requests, and add slices where one did not, for a p99 that rests on more than its slowest "
                              f"few (default {MIN_REQUESTS}; 0: off)")
+    parser.add_argument("--lead-in", type=float, default=LEAD_IN,
+                        help=f"seconds of each slice's own mode, not counted, right before it, so it starts on a node "
+                             f"in that mode's steady state rather than one the settling left idle (default {LEAD_IN:g}; "
+                             f"0: none; not for bursts)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per page and level, both modes (default 1)")
     parser.add_argument("--connections", choices=("close", "keep-alive"), default="close",
                         help="a new connection per request (close, as from a proxy), or one kept alive per client")
@@ -870,7 +888,7 @@ def add_arguments(parser: Any) -> None:
 def _reproduce(options: dict[str, Any], generator: str, plot: str) -> str:
     parts = ["python manage.py parallel_bench load", f"--pages {options['pages']}", f"--levels {options['levels']}",
              f"--duration {options['duration']:g}", f"--slices {options['slices']}", f"--warmup {options['warmup']:g}", f"--max-slice {options['max_slice']:g}",
-             f"--min-requests {options['min_requests']}",
+             f"--min-requests {options['min_requests']}", f"--lead-in {options['lead_in']:g}",
              f"--generator {generator}", f"--connections {options['connections']}"]
     if options["url"]:
         parts.append(f"--url {options['url']}")
@@ -897,9 +915,9 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         raise CommandError(str(exc)) from None
     need_psutil("load")
     if (min(options["duration"], options["timeout"], options["max_slice"]) <= 0 or options["slices"] < 1
-            or options["warmup"] < 0 or options["min_requests"] < 0):
-        raise CommandError("--duration, --timeout and --max-slice must be positive, --slices at least 1, --warmup and "
-                           "--min-requests not negative")
+            or options["warmup"] < 0 or options["min_requests"] < 0 or options["lead_in"] < 0):
+        raise CommandError("--duration, --timeout and --max-slice must be positive, --slices at least 1, --warmup, "
+                           "--lead-in and --min-requests not negative")
     for name in ("masters", "workers", "threads"):
         if options[name] is not None and options[name] < 1:
             raise CommandError(f"--{name} must be at least 1")
@@ -980,8 +998,9 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
                 log(f"starting a node (runparallel {' '.join(args)}); the run sends "
                     f"{len(pages) * len(levels) * 2 * options['slices']} bursts, each followed by a wait for the node to settle")
             else:
-                total = len(pages) * len(levels) * (2 * slice_seconds * options["slices"] + options["warmup"])
-                longest = len(pages) * len(levels) * (2 * options["max_slice"] * options["slices"] + options["warmup"])
+                lead = max(1.0, options["lead_in"]) if options["lead_in"] and generator == "wrk" else options["lead_in"]
+                total = len(pages) * len(levels) * (2 * (slice_seconds + lead) * options["slices"] + options["warmup"])
+                longest = len(pages) * len(levels) * (2 * (options["max_slice"] + lead) * options["slices"] + options["warmup"])
                 log(f"starting a node (runparallel {' '.join(args)}); the run takes {total / 60:.1f} min or more"
                     + (f", up to {longest / 60:.0f} min where slow pages lengthen slices" if longest > total else ""))
             node = Node(args, workdir)
@@ -1004,7 +1023,7 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         settle = settle_after(node.cpu_seconds if node is not None else None, max_slice)
         bench = LoadBench(base, pages, levels, options["duration"], options["slices"], options["warmup"], slice_fn, header, log,
                           max_slice=max_slice, whole_seconds=generator == "wrk", settle=settle,
-                          min_requests=options["min_requests"], bursts=generator == "burst")
+                          min_requests=options["min_requests"], bursts=generator == "burst", lead_in=options["lead_in"])
         results = bench.run()
         node_info["settled_seconds"] = round(bench.settled, 1)
         if node is not None:
@@ -1027,7 +1046,8 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         "generator": {"name": generator, "description": gen_desc, "slices": options["slices"],
                       "connections": options["connections"],
                       "slice_seconds": slice_seconds, "warmup": options["warmup"],
-                      "min_requests": options["min_requests"], "same_mode": bool(options["same_mode"])},
+                      "min_requests": options["min_requests"], "same_mode": bool(options["same_mode"]),
+                      "lead_in": 0.0 if generator == "burst" else options["lead_in"]},
         "debug": bool(settings.DEBUG), "levels": levels, "pages": results, "plot": plot,
         "reproduce": _reproduce(options, generator, plot),
     }
