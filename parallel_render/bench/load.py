@@ -607,6 +607,16 @@ class LoadBench:
         seconds = min(self.max_slice, max(self.duration / self.slices, MIN_ROUNDS * expected, enough))
         return float(math.ceil(seconds - 1e-6)) if self.whole_seconds else seconds
 
+    def one_round(self, url: str, concurrency: int, seconds: float, k: int, taken: dict[str, list[Slice]]) -> None:
+        """A slice of each mode, serial first when k is even: alternating from round to round and
+        from level to level."""
+        for mode in MODES if k % 2 == 0 else MODES[::-1]:
+            taken[mode].append(self.measured_slice(url, concurrency, seconds, mode))
+            # The next slice starts on a node that has finished this one's requests: else the
+            # first requests of a parallel slice would queue behind the serial requests still
+            # running (heavier than parallel ones), and its p99 would be the serial mode's.
+            self.settled += self.settle(taken[mode][-1])
+
     def measured_slice(self, url: str, concurrency: int, seconds: float, mode: str) -> Slice:
         """One slice of `mode`, after the lead-in (uncounted) that brings the node to its steady state."""
         if self.lead_in > 0:
@@ -640,23 +650,13 @@ class LoadBench:
                 self.settled += self.settle(self.slice_fn(url, concurrency, self.warmup / 2, mode))
         taken: dict[str, list[Slice]] = {mode: [] for mode in MODES}
         for k in range(self.slices):
-            # Alternate which mode goes first, from level to level too.
-            order = MODES if (k + n) % 2 == 0 else MODES[::-1]
-            for mode in order:
-                taken[mode].append(self.measured_slice(url, concurrency, seconds, mode))
-                # The next slice starts on a node that has finished this one's requests: else the
-                # first requests of a parallel slice would queue behind the serial requests still
-                # running (heavier than parallel ones), and its p99 would be the serial mode's.
-                self.settled += self.settle(taken[mode][-1])
+            self.one_round(url, concurrency, seconds, k + n, taken)
         # The slices' length came from an estimate of the node's throughput (the idle GETs, the
         # previous level's): where a mode finished fewer than min_requests, one more slice per
         # mode, as long as the measured rate says it takes, up to `slices` more rounds.
         extra = 0
         while extra < self.slices and (more := self.top_up_seconds(taken)) is not None:
-            order = MODES if (self.slices + extra + n) % 2 == 0 else MODES[::-1]
-            for mode in order:
-                taken[mode].append(self.measured_slice(url, concurrency, more, mode))
-                self.settled += self.settle(taken[mode][-1])
+            self.one_round(url, concurrency, more, self.slices + extra + n, taken)
             extra += 1
         serial, parallel = combine(taken["serial"]), combine(taken["parallel"])
         ratios, missed = judge(page, concurrency, serial, parallel)
