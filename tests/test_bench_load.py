@@ -19,6 +19,7 @@ from parallel_render.bench import load
 from parallel_render.bench.stats import ratio_interval
 
 ROOT = Path(__file__).resolve().parent.parent
+CLOCK_STEP_TOLERANCE_MS = 20.0  # how far the wall and monotonic clocks may part in 50 ms here
 
 # wrk 4.1.0 against the demo's I/O page (serial mode, 2 connections, 1 s), with our script's done() line.
 WRK_SAMPLE = """\
@@ -54,6 +55,8 @@ def test_wrk_output_is_parsed_into_a_slice():
     assert stats["p50"] == pytest.approx(data["p50_us"] / 1000, abs=0.2)
     assert stats["p99"] == pytest.approx(data["p99_us"] / 1000)
     assert stats["rps"] == pytest.approx(13.98, abs=0.01)
+    # Two connections for 1.0 s: 14 requests of ~127 ms fit in the 2 s they had.
+    assert 0.85 < got.overtimed(2) < 1.0
 
 
 def test_wrk_errors_and_repeated_latencies_are_counted():
@@ -199,6 +202,65 @@ def test_each_slice_follows_an_uncounted_lead_in_of_its_own_mode(monkeypatch):
     bursts = load.LoadBench("http://127.0.0.1:1", [], [4], duration=6, slices=2, warmup=0, slice_fn=slice_fn,
                             serial_header="X-Parallel-Render", lead_in=1.0, bursts=True)
     assert bursts.lead_in == 0.0  # a burst is measured from a settled node
+
+
+def test_the_table_warns_where_the_machine_disturbed_a_slice(monkeypatch):
+    # A machine where the hypervisor takes a fifth of a CPU during serial slices, and the wall
+    # clock jumps 6 s ahead during one parallel slice: wrk, which times requests by it, then
+    # reports its two requests in flight as 6 s ones, more than the slice's connections had.
+    clock = {"wall": 1000.0, "mono": 50.0, "steal": 7.0}
+    parallel_slices = 0
+
+    def slice_fn(url, concurrency, seconds, mode):
+        nonlocal parallel_slices
+        clock["mono"] += seconds
+        clock["wall"] += seconds
+        n = int(10 * seconds)
+        latencies = [200.0] * n
+        if mode == "serial":
+            if clock["steal"] is not None:
+                clock["steal"] += 0.2 * seconds
+        else:
+            parallel_slices += 1
+            if parallel_slices == 2:
+                clock["wall"] += 6.0
+                latencies[-2:] = [6100.0, 6150.0]
+        return load.Slice(mode, seconds, ok=n, latencies_ms=latencies)
+
+    check = {"ok": True, "problems": [], "ms": {"serial": 30.0, "parallel": 30.0}}
+    monkeypatch.setattr(load, "check_page", lambda *a, **k: check)
+    monkeypatch.setattr(load, "machine_mark", lambda: (clock["wall"], clock["mono"], clock["steal"]))
+    logged: list[str] = []
+    bench = load.LoadBench("http://127.0.0.1:1", [], [2], duration=6, slices=2, warmup=0, slice_fn=slice_fn,
+                           serial_header="X-Parallel-Render", log=logged.append)
+    io = load.parse_pages("io")[0]
+    level = bench.level(io, 2, 0)
+    machine = level["machine"]
+    assert machine["steal_share"] == pytest.approx(0.2) and machine["steal_mode"] == "serial"
+    assert machine["clock_step_ms"] == pytest.approx(6000.0) and machine["clock_step_mode"] == "parallel"
+    assert machine["overtimed"] > 1.5 and machine["overtimed_mode"] == "parallel"
+    steps = [s["clock_step_ms"] for s in level["parallel"]["slices"]]
+    assert steps == [pytest.approx(0.0), pytest.approx(6000.0)]
+    assert "[machine: steal 20% of a CPU in a serial slice; wall clock stepped +6000 ms" in logged[-1]
+    result = {"node": {"description": "a node"}, "pages": [{"name": "io", "path": io.path, "speedup_target": None,
+                                                           "levels": [level]}],
+              "generator": {"description": "wrk", "slices": 2, "slice_seconds": 3.0, "warmup": 0, "connections": "close"},
+              "reproduce": "python manage.py parallel_bench load"}
+    text = load.format_result(result)
+    assert "warning: the machine, not the node, disturbed slices at concurrency 2 (steal 20% of a CPU" in text
+    assert "latencies of a parallel slice add up to" in text
+
+    # A quiet machine: nothing to warn of, and the real counters read so.
+    clock["steal"] = None
+    quiet = bench.level(io, 2, 1)
+    assert quiet["machine"]["steal_share"] is None and not load.machine_notes(quiet["machine"])
+    assert "disturbed" not in load.format_result({**result, "pages": [{**result["pages"][0], "levels": [quiet]}]})
+    monkeypatch.undo()
+    mark = load.machine_mark()
+    time.sleep(0.05)
+    stolen, step = load.machine_since(mark)
+    assert abs(step) < CLOCK_STEP_TOLERANCE_MS
+    assert stolen is None or stolen >= 0
 
 
 def test_the_p99_ratio_comes_with_a_bootstrap_interval():

@@ -71,6 +71,14 @@ PID = re.compile(rb"pid \d+")
 # Seconds of a slice's mode run, not counted, right before it (LoadBench.measured_slice): wrk's
 # shortest run.
 LEAD_IN = 1.0
+# What the machine did beside the node, per slice (machine_mark, machine_since): the table
+# warns where the hypervisor gave the CPUs to others (steal) for more than this share of one
+# CPU's time, where the wall clock, by which wrk times each request, stepped by more than this
+# many ms, and where a slice's latencies add up to more than this times the time its
+# connections had (closed loop: they cannot, unless requests were timed longer than they ran).
+STEAL_WARN = 0.05
+CLOCK_STEP_WARN_MS = 50.0
+OVERTIMED_WARN = 1.05
 WORKERS_WAIT = 45.0  # seconds from the node's start for its workers to render a block of the first page
 WORKER_BLOCK = re.compile(r'pid \d+ render ([\d.]+)ms')
 RESCUED_BLOCK = re.compile(r"master render [\d.]+ms")
@@ -146,6 +154,42 @@ class Slice:
     errors: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     first_error: str = ""
+    # Set by LoadBench.measured_slice (machine_since): CPU seconds the hypervisor gave to others
+    # while the slice ran (None where /proc/stat has no steal), and how far the wall clock
+    # moved beyond the monotonic one (a step, ms).
+    steal_seconds: float | None = None
+    clock_step_ms: float = 0.0
+
+    def overtimed(self, concurrency: int) -> float:
+        """The slice's latencies added up, over the time its connections had (concurrency x
+        seconds): at most 1 in a closed loop, where each connection waits for its answer."""
+        room = concurrency * self.seconds
+        return sum(self.latencies_ms) / 1000 / room if room > 0 else 0.0
+
+
+def _steal_seconds() -> float | None:
+    """CPU seconds the hypervisor has given to other guests while this machine's CPUs wanted
+    to run, since boot, all CPUs together (the steal column of /proc/stat); None without it."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def machine_mark() -> tuple[float, float, float | None]:
+    """The wall clock, the monotonic clock and the steal counter now, for machine_since()."""
+    return time.time(), time.monotonic(), _steal_seconds()
+
+
+def machine_since(mark: tuple[float, float, float | None]) -> tuple[float | None, float]:
+    """Steal seconds since mark (None where there is no counter), and how many ms the wall
+    clock moved beyond the monotonic one (an NTP or hypervisor step; 0 when it did not)."""
+    wall, mono, steal = mark
+    now_wall, now_mono, now_steal = machine_mark()
+    stolen = now_steal - steal if now_steal is not None and steal is not None else None
+    return stolen, ((now_wall - wall) - (now_mono - mono)) * 1000
 
 
 def _run_clients(client: Callable[[], None], concurrency: int) -> float:
@@ -495,7 +539,7 @@ def latencies(slices: list[Slice]) -> list[float]:
     return [ms for s in slices for ms in s.latencies_ms]
 
 
-def combine(slices: list[Slice]) -> dict[str, Any]:
+def combine(slices: list[Slice], concurrency: int = 0) -> dict[str, Any]:
     seconds = sum(s.seconds for s in slices)
     ok = sum(s.ok for s in slices)
     return {
@@ -505,7 +549,9 @@ def combine(slices: list[Slice]) -> dict[str, Any]:
         **{k: v for k, v in summary(latencies(slices)).items() if k != "n"},
         "slices": [{"seconds": s.seconds, "rps": s.ok / s.seconds if s.seconds > 0 else 0.0,
                     **{k: v for k, v in summary(s.latencies_ms).items() if k in ("p50", "p99")},
-                    "errors": s.errors + s.non200} for s in slices],
+                    "errors": s.errors + s.non200, "steal_seconds": s.steal_seconds,
+                    "clock_step_ms": s.clock_step_ms,
+                    **({"overtimed": s.overtimed(concurrency)} if concurrency else {})} for s in slices],
     }
 
 
@@ -621,7 +667,10 @@ class LoadBench:
         """One slice of `mode`, after the lead-in (uncounted) that brings the node to its steady state."""
         if self.lead_in > 0:
             self.slice_fn(url, concurrency, self.lead_in, mode)
-        return self.slice_fn(url, concurrency, seconds, mode)
+        mark = machine_mark()
+        done = self.slice_fn(url, concurrency, seconds, mode)
+        done.steal_seconds, done.clock_step_ms = machine_since(mark)
+        return done
 
     def top_up_seconds(self, taken: dict[str, list[Slice]]) -> float | None:
         """How long one more slice per mode must run for the mode furthest from min_requests to
@@ -658,7 +707,7 @@ class LoadBench:
         while extra < self.slices and (more := self.top_up_seconds(taken)) is not None:
             self.one_round(url, concurrency, more, self.slices + extra + n, taken)
             extra += 1
-        serial, parallel = combine(taken["serial"]), combine(taken["parallel"])
+        serial, parallel = combine(taken["serial"], concurrency), combine(taken["parallel"], concurrency)
         ratios, missed = judge(page, concurrency, serial, parallel)
         ratios["p99_interval"] = list(ratio_interval(latencies(taken["parallel"]), latencies(taken["serial"])))
         if not check["ok"]:
@@ -667,11 +716,45 @@ class LoadBench:
         rounds = min(s.ok + s.non200 for slices in taken.values() for s in slices) / concurrency
         each = (f"{self.slices} bursts" if self.bursts else f"{self.slices} x {seconds:.1f} s"
                 + "".join(f" + {s.seconds:.1f} s" for s in taken["serial"][self.slices:]))
+        machine = machine_noise([s for slices in taken.values() for s in slices], concurrency)
+        noted = machine_notes(machine)
         self.log(f"  {page.name} c={concurrency}: {each} per mode: serial {serial['rps']:.1f} req/s "
                  f"p99 {serial['p99']:.0f} ms, parallel {parallel['rps']:.1f} req/s p99 {parallel['p99']:.0f} ms"
-                 + (f"  [{'; '.join(missed)}]" if missed else ""))
+                 + (f"  [{'; '.join(missed)}]" if missed else "") + (f"  [machine: {'; '.join(noted)}]" if noted else ""))
         return {"concurrency": concurrency, "slice_seconds": seconds, "extra_rounds": extra, "rounds": rounds, "serial": serial,
-                "parallel": parallel, "ratios": ratios, "missed": missed, "check": check}
+                "parallel": parallel, "ratios": ratios, "missed": missed, "check": check, "machine": machine}
+
+
+def machine_noise(slices: list[Slice], concurrency: int) -> dict[str, Any]:
+    """The worst any of a level's slices met beside the node: the largest share of one CPU's
+    time the hypervisor took (steal seconds per slice second; None without a counter), the
+    largest step of the wall clock (ms, either way) and the largest overtimed() ratio, each
+    with the mode of the slice it was seen in."""
+
+    def worst(value: Callable[[Slice], float | None]) -> tuple[float | None, str]:
+        seen = [(v, s.mode) for s in slices if (v := value(s)) is not None]
+        return max(seen, key=lambda vm: abs(vm[0]), default=(None, ""))
+
+    steal, steal_mode = worst(lambda s: s.steal_seconds / s.seconds if s.steal_seconds is not None and s.seconds > 0 else None)
+    step, step_mode = worst(lambda s: s.clock_step_ms)
+    over, over_mode = worst(lambda s: s.overtimed(concurrency))
+    return {"steal_share": steal, "steal_mode": steal_mode, "clock_step_ms": step or 0.0, "clock_step_mode": step_mode,
+            "overtimed": over or 0.0, "overtimed_mode": over_mode}
+
+
+def machine_notes(machine: dict[str, Any] | None) -> list[str]:
+    """What in machine_noise() makes a level's numbers the machine's as much as the node's."""
+    if not machine:
+        return []
+    notes = []
+    if (machine.get("steal_share") or 0.0) > STEAL_WARN:
+        notes.append(f"steal {machine['steal_share']:.0%} of a CPU in a {machine['steal_mode']} slice")
+    if abs(machine.get("clock_step_ms") or 0.0) > CLOCK_STEP_WARN_MS:
+        notes.append(f"wall clock stepped {machine['clock_step_ms']:+.0f} ms in a {machine['clock_step_mode']} slice")
+    if (machine.get("overtimed") or 0.0) > OVERTIMED_WARN:
+        notes.append(f"latencies of a {machine['overtimed_mode']} slice add up to {machine['overtimed']:.2f}x "
+                     "its connections' time")
+    return notes
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -733,6 +816,12 @@ def format_result(result: dict[str, Any]) -> str:
         if short:
             out.append(f"warning: at concurrency {', '.join(short)} a mode finished fewer than "
                        f"{result['generator']['min_requests']} requests even so: raise --max-slice for a surer p99")
+        noisy = [f"{lv['concurrency']} ({'; '.join(notes)})" for lv in page["levels"] if (notes := machine_notes(lv.get("machine")))]
+        if noisy:
+            out.append(f"warning: the machine, not the node, disturbed slices at concurrency {', '.join(noisy)}: steal "
+                       "is CPU time the hypervisor gave to other guests; wrk times requests by the wall clock, so a "
+                       "step of it or latencies adding up to more than the connections' time mean requests timed "
+                       "wrong; run again before reading those levels")
         few = [str(lv["concurrency"]) for lv in page["levels"] if lv["rounds"] < MIN_ROUNDS / 2 and not bursts]
         if few:
             out.append(f"warning: at concurrency {', '.join(few)} a connection finished fewer than {MIN_ROUNDS // 2} "
