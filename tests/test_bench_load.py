@@ -263,6 +263,45 @@ def test_the_table_warns_where_the_machine_disturbed_a_slice(monkeypatch):
     assert stolen is None or stolen >= 0
 
 
+def test_each_mode_gets_the_node_cpu_its_slices_used_per_page(monkeypatch):
+    # A node whose processes use 60 ms of CPU per serial page and 66 per parallel one, and
+    # some more between slices (lead-ins, settling), which is not counted.
+    used = {"cpu": 0.0}
+    per_page = {"serial": 0.060, "parallel": 0.066}
+
+    def slice_fn(url, concurrency, seconds, mode):
+        n = int(20 * seconds)
+        used["cpu"] += n * per_page[mode]
+        return load.Slice(mode, seconds, ok=n, latencies_ms=[100.0] * n)
+
+    def node_cpu():
+        used["cpu"] += 0.5  # between slices
+        return used["cpu"]
+
+    check = {"ok": True, "problems": [], "ms": {"serial": 30.0, "parallel": 30.0}}
+    monkeypatch.setattr(load, "check_page", lambda *a, **k: check)
+    bench = load.LoadBench("http://127.0.0.1:1", [], [2], duration=6, slices=2, warmup=0, slice_fn=slice_fn,
+                           serial_header="X-Parallel-Render", lead_in=1.0, node_cpu=node_cpu)
+    io = load.parse_pages("io")[0]
+    level = bench.level(io, 2, 0)
+    # Each read adds 0.5 s: one read between the two around a slice counts it.
+    assert level["serial"]["node_cpu_ms_per_page"] == pytest.approx(60.0 + 500 / 60)
+    assert level["parallel"]["node_cpu_ms_per_page"] == pytest.approx(66.0 + 500 / 60)
+    assert level["serial"]["node_cpus"] == pytest.approx((60 * 0.060 + 0.5) / 3)
+    assert level["ratios"]["node_cpu_per_page"] == pytest.approx((66.0 + 500 / 60) / (60.0 + 500 / 60))
+    result = {"node": {"description": "a node"}, "pages": [{"name": "io", "path": io.path, "speedup_target": None,
+                                                           "levels": [level]}],
+              "generator": {"description": "wrk", "slices": 2, "slice_seconds": 3.0, "warmup": 0, "connections": "close"},
+              "reproduce": "python manage.py parallel_bench load"}
+    assert "node CPU per page, all its processes, serial / parallel ms (CPUs kept busy): c=2 68.3 / 74.3" in (
+        load.format_result(result))
+    # Against a node the bench did not start (--url), there is no such line.
+    bench.node_cpu = None
+    other = bench.level(io, 2, 1)
+    assert other["serial"]["node_cpu_ms_per_page"] is None and "node_cpu_per_page" not in other["ratios"]
+    assert "node CPU per page" not in load.format_result({**result, "pages": [{**result["pages"][0], "levels": [other]}]})
+
+
 def test_the_p99_ratio_comes_with_a_bootstrap_interval():
     draw = random.Random(7)
     same = [draw.expovariate(1 / 100) for _ in range(600)], [draw.expovariate(1 / 100) for _ in range(600)]
@@ -345,6 +384,10 @@ def _check_run(result: dict, tmp_path: Path, pages: list[str], levels: list[int]
             for mode in ("serial", "parallel"):
                 assert lv[mode]["rps"] > 0, (page["name"], lv)
                 assert lv[mode]["errors"] == 0 and lv[mode]["non200"] == 0, lv[mode]["first_error"]
+                # The node's CPU per page: a page costs its master at least a millisecond or so,
+                # and no page here takes a whole CPU-second.
+                assert 0.3 < lv[mode]["node_cpu_ms_per_page"] < 1000, lv[mode]
+                assert 0 < lv[mode]["node_cpus"] < 64
     node = result["node"]
     assert node["started"] and node["workers"] >= 1 and node["masters"] >= 1 and node["routers"] == 1
     assert node["orphans"] == []

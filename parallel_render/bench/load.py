@@ -159,6 +159,9 @@ class Slice:
     # moved beyond the monotonic one (a step, ms).
     steal_seconds: float | None = None
     clock_step_ms: float = 0.0
+    # CPU seconds the node's processes used while the slice ran, all of them (masters, workers,
+    # router); None where the bench did not start the node.
+    node_cpu_seconds: float | None = None
 
     def overtimed(self, concurrency: int) -> float:
         """The slice's latencies added up, over the time its connections had (concurrency x
@@ -542,7 +545,13 @@ def latencies(slices: list[Slice]) -> list[float]:
 def combine(slices: list[Slice], concurrency: int = 0) -> dict[str, Any]:
     seconds = sum(s.seconds for s in slices)
     ok = sum(s.ok for s in slices)
+    cpu = [s.node_cpu_seconds for s in slices]
+    known = bool(slices) and all(c is not None for c in cpu)
+    node_cpu = sum(c for c in cpu if c is not None)
     return {
+        # The node's CPU per page answered, all its processes, and how many CPUs it kept busy.
+        "node_cpu_ms_per_page": node_cpu * 1000 / ok if known and ok else None,
+        "node_cpus": node_cpu / seconds if known and seconds > 0 else None,
         "requests": ok, "seconds": seconds, "rps": ok / seconds if seconds > 0 else 0.0,
         "non200": sum(s.non200 for s in slices), "errors": sum(s.errors for s in slices),
         "first_error": next((s.first_error for s in slices if s.first_error), ""),
@@ -550,7 +559,7 @@ def combine(slices: list[Slice], concurrency: int = 0) -> dict[str, Any]:
         "slices": [{"seconds": s.seconds, "rps": s.ok / s.seconds if s.seconds > 0 else 0.0,
                     **{k: v for k, v in summary(s.latencies_ms).items() if k in ("p50", "p99")},
                     "errors": s.errors + s.non200, "steal_seconds": s.steal_seconds,
-                    "clock_step_ms": s.clock_step_ms,
+                    "clock_step_ms": s.clock_step_ms, "node_cpu_seconds": s.node_cpu_seconds,
                     **({"overtimed": s.overtimed(concurrency)} if concurrency else {})} for s in slices],
     }
 
@@ -566,6 +575,8 @@ def judge(page: Page, concurrency: int, serial: dict[str, Any], parallel: dict[s
         "speedup_p50": ratio(serial["p50"], parallel["p50"]),
         "p99": ratio(parallel["p99"], serial["p99"]),
     }
+    if serial.get("node_cpu_ms_per_page") and parallel.get("node_cpu_ms_per_page"):
+        ratios["node_cpu_per_page"] = ratio(parallel["node_cpu_ms_per_page"], serial["node_cpu_ms_per_page"])
     missed = []
     idle = [mode for mode, m in (("serial", serial), ("parallel", parallel)) if not m["rps"] > 0]
     if idle:
@@ -589,6 +600,7 @@ class LoadBench:
         slice_fn: Callable[[str, int, float, str], Slice], serial_header: str, log: Callable[[str], None] | None = None,
         max_slice: float = 20.0, whole_seconds: bool = False, settle: Callable[[Slice], float] | None = None,
         min_requests: int = 0, bursts: bool = False, lead_in: float = 0.0,
+        node_cpu: Callable[[], float] | None = None,
     ) -> None:
         self.base = base.rstrip("/")
         self.pages = pages
@@ -609,6 +621,8 @@ class LoadBench:
         # Called after each slice: waits for the requests the slice left in flight (see settle_after).
         self.settle = settle or (lambda _slice: 0.0)
         self.settled = 0.0  # seconds spent waiting for them, over the run
+        # The node's processes' CPU time so far (Node.cpu_seconds), read around each slice.
+        self.node_cpu = node_cpu
 
     def preflight(self) -> None:
         """Every page answers 200 in both modes before any time is spent measuring."""
@@ -668,7 +682,10 @@ class LoadBench:
         if self.lead_in > 0:
             self.slice_fn(url, concurrency, self.lead_in, mode)
         mark = machine_mark()
+        cpu = self.node_cpu() if self.node_cpu is not None else None
         done = self.slice_fn(url, concurrency, seconds, mode)
+        if cpu is not None and self.node_cpu is not None:
+            done.node_cpu_seconds = self.node_cpu() - cpu
         done.steal_seconds, done.clock_step_ms = machine_since(mark)
         return done
 
@@ -816,6 +833,13 @@ def format_result(result: dict[str, Any]) -> str:
         if short:
             out.append(f"warning: at concurrency {', '.join(short)} a mode finished fewer than "
                        f"{result['generator']['min_requests']} requests even so: raise --max-slice for a surer p99")
+        cpu = [lv for lv in page["levels"]
+               if lv["serial"].get("node_cpu_ms_per_page") and lv["parallel"].get("node_cpu_ms_per_page")]
+        if cpu:
+            out.append("node CPU per page, all its processes, serial / parallel ms (CPUs kept busy): " + ", ".join(
+                f"c={lv['concurrency']} {lv['serial']['node_cpu_ms_per_page']:.1f} / "
+                f"{lv['parallel']['node_cpu_ms_per_page']:.1f} ({lv['serial']['node_cpus']:.2f} / "
+                f"{lv['parallel']['node_cpus']:.2f})" for lv in cpu))
         noisy = [f"{lv['concurrency']} ({'; '.join(notes)})" for lv in page["levels"] if (notes := machine_notes(lv.get("machine")))]
         if noisy:
             out.append(f"warning: the machine, not the node, disturbed slices at concurrency {', '.join(noisy)}: steal "
@@ -1112,7 +1136,8 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         settle = settle_after(node.cpu_seconds if node is not None else None, max_slice)
         bench = LoadBench(base, pages, levels, options["duration"], options["slices"], options["warmup"], slice_fn, header, log,
                           max_slice=max_slice, whole_seconds=generator == "wrk", settle=settle,
-                          min_requests=options["min_requests"], bursts=generator == "burst", lead_in=options["lead_in"])
+                          min_requests=options["min_requests"], bursts=generator == "burst", lead_in=options["lead_in"],
+                          node_cpu=node.cpu_seconds if node is not None else None)
         results = bench.run()
         node_info["settled_seconds"] = round(bench.settled, 1)
         if node is not None:
