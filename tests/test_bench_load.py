@@ -204,6 +204,96 @@ def test_each_slice_follows_an_uncounted_lead_in_of_its_own_mode(monkeypatch):
     assert bursts.lead_in == 0.0  # a burst is measured from a settled node
 
 
+def test_with_wrk_the_lead_in_and_the_slice_are_one_run_on_the_same_connections(monkeypatch):
+    """Two runs left the lead-in's requests in the node as the slice began with as many again;
+    in one run the connections go on, and the readings are taken where counting begins."""
+    calls: list[tuple[str, float, float]] = []
+    cpu = iter([10.0, 12.5, 20.0, 21.0, 30.0, 33.0, 40.0, 41.0])
+
+    def slice_fn(url, concurrency, seconds, mode, lead_in=0.0, counting=None):
+        calls.append((mode, seconds, lead_in))
+        assert counting is not None
+        counting()  # wrk calls it lead_in seconds into the run
+        return load.Slice(mode, seconds, ok=30, latencies_ms=[50.0] * 30)
+
+    check = {"ok": True, "problems": [], "ms": {"serial": 30.0, "parallel": 30.0}}
+    monkeypatch.setattr(load, "check_page", lambda *a, **k: check)
+    bench = load.LoadBench("http://127.0.0.1:1", [], [4], duration=6, slices=2, warmup=0, slice_fn=slice_fn,
+                           serial_header="X-Parallel-Render", lead_in=1.0, lead_within=True,
+                           node_cpu=lambda: next(cpu))
+    level = bench.level(load.parse_pages("io")[0], 4, 0)
+    assert calls == [("serial", 3.0, 1.0), ("parallel", 3.0, 1.0), ("parallel", 3.0, 1.0), ("serial", 3.0, 1.0)]
+    assert level["serial"]["requests"] == level["parallel"]["requests"] == 60
+    # CPU from where counting began to the run's end: serial 2.5 + 1.0 s, parallel 1.0 + 3.0 s.
+    assert level["serial"]["node_cpu_ms_per_page"] == pytest.approx(3500 / 60)
+    assert level["parallel"]["node_cpu_ms_per_page"] == pytest.approx(4000 / 60)
+
+
+class _SlowAtFirst:
+    """A local HTTP server whose answers take 150 ms for the requests that arrive in the first
+    0.8 s after its first one, then 5 ms; it notes each request's headers."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        first: list[float] = []
+        seen: list[dict[str, str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                now = time.monotonic()
+                if not first:
+                    first.append(now)
+                seen.append(dict(self.headers))
+                time.sleep(0.15 if now - first[0] < 0.8 else 0.005)
+                body = b"ok"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.seen = seen
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install -y wrk)")
+def test_wrk_counts_only_the_requests_sent_after_the_lead_in(tmp_path):
+    server = _SlowAtFirst()
+    try:
+        wrk = load.Wrk(shutil.which("wrk"), str(tmp_path), "X-Parallel-Render", 5.0)
+        began = time.monotonic()
+        counting_at: list[float] = []
+        got = wrk.slice(server.url, 2, 2.0, "serial", lead_in=1.0, counting=lambda: counting_at.append(time.monotonic()))
+    finally:
+        server.close()
+    assert len(counting_at) == 1 and 0.95 <= counting_at[0] - began <= 1.5
+    assert got.seconds == pytest.approx(2.0, abs=0.1)  # the counted part of the 3 s run
+    # The slow answers all went to requests sent in the lead-in: none is counted.
+    assert got.ok > 20 and got.errors == 0 and got.non200 == 0
+    assert max(got.latencies_ms) < 100
+    # Answers count from the lead-in's end, latencies from the requests sent after it.
+    assert 0 < len(got.latencies_ms) <= got.ok
+    assert len(server.seen) > got.ok  # the lead-in's requests reached the server too
+    assert all(h.get("X-Parallel-Render") == "serial" and h.get("Connection") == "close" for h in server.seen)
+    # Two connections for 2 s, each waiting for its answer.
+    assert 0.0 < got.overtimed(2) <= 1.0
+
+
 def test_the_table_warns_where_the_machine_disturbed_a_slice(monkeypatch):
     # A machine where the hypervisor takes a fifth of a CPU during serial slices, and the wall
     # clock jumps 6 s ahead during one parallel slice: wrk, which times requests by it, then

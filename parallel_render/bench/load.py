@@ -305,6 +305,88 @@ end
 """.replace("MARK", WRK_MARK)
 
 
+# The same, with a lead-in inside the run: `... -- MODE HEADER CONNECTIONS LEAD`, one connection
+# per wrk thread, so the connections that brought the node to its steady state go on into the
+# measured part without a break. (Two wrk runs, a lead-in and then the slice, left the
+# lead-in's requests running in the node when the slice began with as many again: its first
+# requests waited behind them, and they set its p99.) Each thread times its own requests (the
+# monotonic clock, through LuaJIT's FFI). The measured part counts the answers that arrived in
+# it ("requests", for req/s: as many requests cross its start, begun earlier, as cross its
+# end, unanswered, so these match the node's work in it) and times the requests sent in it
+# ("latency_us": none of the lead-in's). duration_us is the measured part.
+WRK_LEAD_SCRIPT = """\
+-- written by parallel_render.bench.load
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } parallel_bench_timespec;
+int clock_gettime(int clock, parallel_bench_timespec *now);
+]]
+local now_buf = ffi.new("parallel_bench_timespec")
+local function now_us()
+  ffi.C.clock_gettime(1, now_buf)  -- CLOCK_MONOTONIC
+  return tonumber(now_buf.tv_sec) * 1000000 + math.floor(tonumber(now_buf.tv_nsec) / 1000)
+end
+
+local threads = {}
+function setup(thread)
+  threads[#threads + 1] = thread
+end
+
+function init(args)
+  if args[1] == "serial" then wrk.headers[args[2]] = "serial" end
+  if args[3] == "close" then wrk.headers["Connection"] = "close" end
+  lead_us = math.floor(tonumber(args[4]) * 1000000)
+  started = now_us()
+  sent = nil
+  timed = {}
+  answered = 0
+  failed = 0
+end
+
+function request()
+  sent = now_us()
+  return wrk.format()
+end
+
+function response(status, headers, body)
+  local now = now_us()
+  if now - started >= lead_us then
+    answered = answered + 1
+    if status > 399 then failed = failed + 1 end
+  end
+  if sent ~= nil and sent - started >= lead_us then
+    timed[#timed + 1] = now - sent
+  end
+  sent = nil
+end
+
+function done(summary, latency, requests)
+  local all, answers, failures, lead = {}, 0, 0, 0
+  for _, thread in ipairs(threads) do
+    for _, us in ipairs(thread:get("timed")) do all[#all + 1] = us end
+    answers = answers + thread:get("answered")
+    failures = failures + thread:get("failed")
+    lead = thread:get("lead_us")
+  end
+  table.sort(all)
+  local seen = {}
+  for _, us in ipairs(all) do seen[#seen + 1] = string.format("[%d,1]", us) end
+  local function pct(p)
+    if #all == 0 then return 0 end
+    return all[math.max(1, math.ceil(#all * p / 100))]
+  end
+  local e = summary.errors
+  io.write(string.format(
+    '%s{"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"latency_us":[%s],"lead_us":%d}\\n',
+    "MARK", answers, math.max(0, summary.duration - lead), summary.bytes,
+    e.connect, e.read, e.write, failures, e.timeout,
+    pct(50), pct(90), pct(99), table.concat(seen, ","), lead))
+end
+""".replace("MARK", WRK_MARK)
+
+
 def parse_wrk(output: str) -> dict[str, Any]:
     """The JSON line our script's done() printed among wrk's own output."""
     import orjson
@@ -334,8 +416,10 @@ class Wrk:
         self.binary = binary
         self.connections = connections
         self.script = os.path.join(workdir, "load.lua")
-        with open(self.script, "w") as f:
-            f.write(WRK_SCRIPT)
+        self.lead_script = os.path.join(workdir, "load_lead.lua")
+        for path, text in ((self.script, WRK_SCRIPT), (self.lead_script, WRK_LEAD_SCRIPT)):
+            with open(path, "w") as f:
+                f.write(text)
         self.header = header
         self.timeout = timeout
         self.threads_cap = max(1, min(4, this_process().cores // 2))  # leave the cores to the node
@@ -343,14 +427,35 @@ class Wrk:
     def threads(self, concurrency: int) -> int:
         return min(concurrency, self.threads_cap)
 
-    def slice(self, url: str, concurrency: int, seconds: float, mode: str) -> Slice:
-        cmd = [self.binary, "-t", str(self.threads(concurrency)), "-c", str(concurrency),
-               "-d", f"{max(1, math.ceil(seconds - 1e-6))}s", "--timeout", f"{max(1, round(self.timeout))}s", "--latency",
-               "-s", self.script, url, "--", mode, self.header, self.connections]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + self.timeout + 30)
-        if done.returncode != 0:
-            raise RuntimeError(f"wrk exited with {done.returncode}: {done.stderr.strip() or done.stdout[-500:]}")
-        return wrk_result_slice(parse_wrk(done.stdout), mode)
+    def slice(
+        self, url: str, concurrency: int, seconds: float, mode: str, lead_in: float = 0.0,
+        counting: Callable[[], None] | None = None,
+    ) -> Slice:
+        """One wrk run of `seconds` (whole ones). With lead_in, the run is lead_in longer and its
+        first lead_in seconds are not counted (WRK_LEAD_SCRIPT); counting() is called when the
+        counted part begins, to take the readings that go with it."""
+        if lead_in > 0:
+            threads, script, extra = concurrency, self.lead_script, [f"{lead_in:g}"]
+            total = max(1, math.ceil(lead_in + seconds - 1e-6))
+        else:
+            threads, script, extra = self.threads(concurrency), self.script, []
+            total = max(1, math.ceil(seconds - 1e-6))
+        cmd = [self.binary, "-t", str(threads), "-c", str(concurrency),
+               "-d", f"{total}s", "--timeout", f"{max(1, round(self.timeout))}s", "--latency",
+               "-s", script, url, "--", mode, self.header, self.connections, *extra]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            if lead_in > 0 and counting is not None:
+                time.sleep(lead_in)
+                counting()
+            out, err = proc.communicate(timeout=total + self.timeout + 30)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"wrk exited with {proc.returncode}: {err.strip() or out[-500:]}")
+        return wrk_result_slice(parse_wrk(out), mode)
 
 
 def wrk_version(binary: str) -> str:
@@ -597,10 +702,10 @@ class LoadBench:
 
     def __init__(
         self, base: str, pages: list[Page], levels: list[int], duration: float, slices: int, warmup: float,
-        slice_fn: Callable[[str, int, float, str], Slice], serial_header: str, log: Callable[[str], None] | None = None,
+        slice_fn: Callable[..., Slice], serial_header: str, log: Callable[[str], None] | None = None,
         max_slice: float = 20.0, whole_seconds: bool = False, settle: Callable[[Slice], float] | None = None,
         min_requests: int = 0, bursts: bool = False, lead_in: float = 0.0,
-        node_cpu: Callable[[], float] | None = None,
+        node_cpu: Callable[[], float] | None = None, lead_within: bool = False,
     ) -> None:
         self.base = base.rstrip("/")
         self.pages = pages
@@ -618,6 +723,10 @@ class LoadBench:
         # Seconds of the same mode, not counted, right before each slice: it starts on a node
         # in that mode's steady state, not on one the settling left idle.
         self.lead_in = 0.0 if bursts else lead_in
+        # Whether slice_fn runs the lead-in and the slice as one run (slice_fn(..., lead_in=,
+        # counting=): Wrk.slice). Otherwise the lead-in is a run of its own, which suits a
+        # generator whose clients finish their requests before it returns (builtin_slice).
+        self.lead_within = lead_within
         # Called after each slice: waits for the requests the slice left in flight (see settle_after).
         self.settle = settle or (lambda _slice: 0.0)
         self.settled = 0.0  # seconds spent waiting for them, over the run
@@ -679,14 +788,25 @@ class LoadBench:
 
     def measured_slice(self, url: str, concurrency: int, seconds: float, mode: str) -> Slice:
         """One slice of `mode`, after the lead-in (uncounted) that brings the node to its steady state."""
-        if self.lead_in > 0:
-            self.slice_fn(url, concurrency, self.lead_in, mode)
-        mark = machine_mark()
-        cpu = self.node_cpu() if self.node_cpu is not None else None
-        done = self.slice_fn(url, concurrency, seconds, mode)
-        if cpu is not None and self.node_cpu is not None:
-            done.node_cpu_seconds = self.node_cpu() - cpu
-        done.steal_seconds, done.clock_step_ms = machine_since(mark)
+        readings: dict[str, Any] = {}
+
+        def counting() -> None:
+            readings["mark"] = machine_mark()
+            readings["cpu"] = self.node_cpu() if self.node_cpu is not None else None
+
+        if self.lead_in > 0 and self.lead_within:
+            # The same connections go on from the lead-in into the slice: one run.
+            done = self.slice_fn(url, concurrency, seconds, mode, lead_in=self.lead_in, counting=counting)
+        else:
+            if self.lead_in > 0:
+                self.slice_fn(url, concurrency, self.lead_in, mode)
+            counting()
+            done = self.slice_fn(url, concurrency, seconds, mode)
+        if "mark" not in readings:  # a generator that never began counting: read from now
+            counting()
+        if readings["cpu"] is not None and self.node_cpu is not None:
+            done.node_cpu_seconds = self.node_cpu() - readings["cpu"]
+        done.steal_seconds, done.clock_step_ms = machine_since(readings["mark"])
         return done
 
     def top_up_seconds(self, taken: dict[str, list[Slice]]) -> float | None:
@@ -791,7 +911,8 @@ def format_result(result: dict[str, Any]) -> str:
         out.append(f"generator: {gen['description']}; closed loop, "
                    f"{'a new connection per request' if per_request else 'connections kept alive'}; per level and mode {gen['slices']} slices of "
                    f"{gen['slice_seconds']:.1f} s, interleaved, after a {gen['warmup']:g} s warm-up"
-                   + (f"; each slice after a {gen['lead_in']:g} s lead-in of its own mode, not counted" if gen.get("lead_in") else ""))
+                   + (f"; each slice after a {gen['lead_in']:g} s lead-in of its own mode, not counted"
+                      + (", on the same connections in the same run" if gen.get("lead_within") else "") if gen.get("lead_in") else ""))
     if gen.get("same_mode"):
         out.append("A/A (--same-mode): the serial slices went out without the serial header, so both modes rendered in "
                    "parallel; each ratio below compares parallel with parallel, and a MISS is the machine's noise alone")
@@ -1066,7 +1187,8 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
             assert wrk_binary is not None
             wrk = Wrk(wrk_binary, workdir, header, options["timeout"], options["connections"])
             slice_fn = wrk.slice
-            gen_desc = f"wrk {wrk_version(wrk_binary)} (up to {wrk.threads_cap} threads, --timeout {options['timeout']:g}s)"
+            threads = "a thread per connection" if options["lead_in"] > 0 else f"up to {wrk.threads_cap} threads"
+            gen_desc = f"wrk {wrk_version(wrk_binary)} ({threads}, --timeout {options['timeout']:g}s)"
             slice_seconds = float(max(1, math.ceil(options["duration"] / options["slices"] - 1e-6)))
         elif generator == "burst":
             burst_headers: dict[str, dict[str, str]] = {"serial": {header: "serial"}, "parallel": {}}
@@ -1091,8 +1213,8 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
             # samples of one mode, measured as the bench measures the two.
             send = slice_fn
 
-            def slice_fn(u: str, c: int, s: float, mode: str) -> Slice:
-                taken = send(u, c, s, "parallel")
+            def slice_fn(u: str, c: int, s: float, mode: str, **lead: Any) -> Slice:
+                taken = send(u, c, s, "parallel", **lead)
                 taken.mode = mode
                 return taken
 
@@ -1135,7 +1257,7 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
         max_slice = max(options["max_slice"], slice_seconds)
         settle = settle_after(node.cpu_seconds if node is not None else None, max_slice)
         bench = LoadBench(base, pages, levels, options["duration"], options["slices"], options["warmup"], slice_fn, header, log,
-                          max_slice=max_slice, whole_seconds=generator == "wrk", settle=settle,
+                          max_slice=max_slice, whole_seconds=generator == "wrk", lead_within=generator == "wrk", settle=settle,
                           min_requests=options["min_requests"], bursts=generator == "burst", lead_in=options["lead_in"],
                           node_cpu=node.cpu_seconds if node is not None else None)
         results = bench.run()
@@ -1161,7 +1283,8 @@ def handle(options: dict[str, Any], stdout: Any) -> None:
                       "connections": options["connections"],
                       "slice_seconds": slice_seconds, "warmup": options["warmup"],
                       "min_requests": options["min_requests"], "same_mode": bool(options["same_mode"]),
-                      "lead_in": 0.0 if generator == "burst" else options["lead_in"]},
+                      "lead_in": 0.0 if generator == "burst" else options["lead_in"],
+                      "lead_within": generator == "wrk"},
         "debug": bool(settings.DEBUG), "levels": levels, "pages": results, "plot": plot,
         "reproduce": _reproduce(options, generator, plot),
     }
