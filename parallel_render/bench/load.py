@@ -280,11 +280,30 @@ def burst_slice(url: str, concurrency: int, headers: dict[str, str], mode: str) 
 # CONNECTIONS "close" sends Connection: close (a connection per request). done() prints
 # one JSON line with the counts and every distinct latency (µs) with how often it was seen,
 # so slices can be merged exactly.
-WRK_SCRIPT = """\
+# What both scripts share: the mode's headers from wrk's arguments, and report(), which prints
+# the JSON line parse_wrk() reads.
+_WRK_COMMON = """\
 -- written by parallel_render.bench.load
-function init(args)
+local function use_args(args)
   if args[1] == "serial" then wrk.headers[args[2]] = "serial" end
   if args[3] == "close" then wrk.headers["Connection"] = "close" end
+end
+
+local function report(requests, duration, summary, status, p50, p90, p99, seen)
+  local e = summary.errors
+  io.write(string.format(
+    '%s{"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"latency_us":[%s]}\\n',
+    "MARK", requests, duration, summary.bytes, e.connect, e.read, e.write, status, e.timeout,
+    p50, p90, p99, table.concat(seen, ",")))
+end
+
+""".replace("MARK", WRK_MARK)
+
+WRK_SCRIPT = _WRK_COMMON + """\
+function init(args)
+  use_args(args)
 end
 
 function done(summary, latency, requests)
@@ -293,16 +312,10 @@ function done(summary, latency, requests)
     local value, count = latency(i)
     seen[#seen + 1] = string.format("[%d,%d]", value, count)
   end
-  local e = summary.errors
-  io.write(string.format(
-    '%s{"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"latency_us":[%s]}\\n',
-    "MARK", summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), table.concat(seen, ",")))
+  report(summary.requests, summary.duration, summary, summary.errors.status,
+         latency:percentile(50), latency:percentile(90), latency:percentile(99), seen)
 end
-""".replace("MARK", WRK_MARK)
+"""
 
 
 # The same, with a lead-in inside the run: `... -- MODE HEADER CONNECTIONS LEAD`, one connection
@@ -314,8 +327,7 @@ end
 # it ("requests", for req/s: as many requests cross its start, begun earlier, as cross its
 # end, unanswered, so these match the node's work in it) and times the requests sent in it
 # ("latency_us": none of the lead-in's). duration_us is the measured part.
-WRK_LEAD_SCRIPT = """\
--- written by parallel_render.bench.load
+WRK_LEAD_SCRIPT = _WRK_COMMON + """\
 local ffi = require("ffi")
 ffi.cdef[[
 typedef struct { long tv_sec; long tv_nsec; } parallel_bench_timespec;
@@ -333,8 +345,7 @@ function setup(thread)
 end
 
 function init(args)
-  if args[1] == "serial" then wrk.headers[args[2]] = "serial" end
-  if args[3] == "close" then wrk.headers["Connection"] = "close" end
+  use_args(args)
   lead_us = math.floor(tonumber(args[4]) * 1000000)
   started = now_us()
   sent = nil
@@ -375,16 +386,9 @@ function done(summary, latency, requests)
     if #all == 0 then return 0 end
     return all[math.max(1, math.ceil(#all * p / 100))]
   end
-  local e = summary.errors
-  io.write(string.format(
-    '%s{"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"latency_us":[%s],"lead_us":%d}\\n',
-    "MARK", answers, math.max(0, summary.duration - lead), summary.bytes,
-    e.connect, e.read, e.write, failures, e.timeout,
-    pct(50), pct(90), pct(99), table.concat(seen, ","), lead))
+  report(answers, math.max(0, summary.duration - lead), summary, failures, pct(50), pct(90), pct(99), seen)
 end
-""".replace("MARK", WRK_MARK)
+"""
 
 
 def parse_wrk(output: str) -> dict[str, Any]:
