@@ -535,8 +535,12 @@ class Node:
         return kinds
 
     def cpu_seconds(self) -> float:
-        """CPU time (user and system) the node's processes have used so far, all of them together."""
+        """CPU time the node's processes have used so far, all of them together, to the
+        nanosecond (overhead.process_cpu): a burst of one I/O page uses a few ms, less than
+        one of /proc/PID/stat's 10 ms ticks."""
         import psutil
+
+        from parallel_render.bench.overhead import process_cpu
 
         total = 0.0
         try:
@@ -545,10 +549,9 @@ class Node:
             return total
         for process in processes:
             try:
-                times = process.cpu_times()
+                total += process_cpu(process.pid)
             except psutil.Error:
                 continue
-            total += times.user + times.system
         return total
 
     def wait_serving(self, probe: Callable[[], bool], timeout: float = 90.0) -> None:
